@@ -1,0 +1,71 @@
+"""Choosing the device and the mixed-precision mode, and the autocast context for a step."""
+
+import contextlib
+import functools
+
+import torch
+
+from .errors import UserError
+
+
+def pick_device(name="auto"):
+    """'auto' takes CUDA, then Apple's MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
+    if name not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--device {name}: unknown device; choose auto, cuda, mps or cpu")
+    return torch.device(name)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16():
+    """True on CPUs with AMX or AVX512-BF16, where bf16 matmuls beat fp32 by a wide margin."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_amp(mode, device):
+    """Resolve --amp to None (fp32), torch.bfloat16 or torch.float16 for ``device``.
+
+    'auto' takes bf16 where the hardware runs it fast and it needs no loss scaling (Ampere+
+    GPUs, AMX CPUs), fp16 with a GradScaler on older GPUs such as the T4, and fp32 elsewhere.
+    """
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16":
+        if device.type == "cpu":
+            raise UserError("--amp fp16 is for GPUs; on the CPU use --amp bf16 or off")
+        return torch.float16
+    if mode != "auto":
+        raise UserError(f"--amp {mode}: unknown mode; choose auto, bf16, fp16 or off")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device, amp_dtype):
+    """Autocast for ``amp_dtype``, or a no-op context when training in fp32."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def make_scaler(device, amp_dtype):
+    """A GradScaler only for fp16, whose narrow exponent range needs loss scaling."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

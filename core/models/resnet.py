@@ -1,0 +1,49 @@
+"""The custom ResNet of the superconvergence assignments (David Page's ResNet-9 layout).
+
+PrepLayer 64 -> Layer1 128 (+ResBlock) -> Layer2 256 -> Layer3 512 (+ResBlock) -> MaxPool 4 -> FC.
+Each downsampling layer is conv -> MaxPool 2 -> BN -> ReLU, pooling before BN as the spec says.
+Convs have no bias (the BN that follows would cancel it), which gives the seed's 6,573,130
+parameters. Softmax lives in the loss.
+"""
+
+from torch import nn
+
+
+def conv_bn(c_in, c_out, pool=False):
+    layers = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class ResBlock(nn.Module):
+    """Two conv-BN-ReLU units whose output is added to the block's input."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.res = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
+
+    def forward(self, x):
+        return x + self.res(x)
+
+
+class CustomResNet(nn.Module):
+    """``logit_scale`` multiplies the logits (Page's trick: 0.125 keeps the initial softmax
+    soft, so high peak LRs do not blow up the first steps); it has no parameters."""
+
+    def __init__(self, num_classes=10, width=64, logit_scale=0.125):
+        super().__init__()
+        w = width
+        self.prep = conv_bn(3, w)
+        self.layer1 = nn.Sequential(conv_bn(w, 2 * w, pool=True), ResBlock(2 * w))
+        self.layer2 = conv_bn(2 * w, 4 * w, pool=True)
+        self.layer3 = nn.Sequential(conv_bn(4 * w, 8 * w, pool=True), ResBlock(8 * w))
+        self.pool = nn.MaxPool2d(4)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8 * w, num_classes)
+        self.logit_scale = logit_scale
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.prep(x))))
+        return self.fc(self.flatten(self.pool(x))) * self.logit_scale

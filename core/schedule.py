@@ -1,0 +1,126 @@
+"""Learning-rate schedules, written by hand and stepped once per batch.
+
+``OneCycle`` follows the semantics of ``torch.optim.lr_scheduler.OneCycleLR`` step for step
+(same arguments, same LR and momentum or Adam beta1 at every step, same ValueError past the
+end), so a user can read torch's documentation and get exactly what it says.
+"""
+
+import math
+
+
+def anneal(start, end, pct, strategy):
+    """Interpolate from ``start`` (pct=0) to ``end`` (pct=1): 'cos' or 'linear'."""
+    if strategy == "cos":
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+    return start + (end - start) * pct
+
+
+def _per_group(name, value, groups):
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(groups):
+            raise ValueError(f"{name} has {len(value)} values for {len(groups)} param groups")
+        return [float(v) for v in value]
+    return [float(value)] * len(groups)
+
+
+class OneCycle:
+    """Leslie Smith's one-cycle policy: warm up to ``max_lr``, then anneal to ``max_lr/div/final_div``.
+
+    Momentum (SGD) or beta1 (Adam) moves opposite to the LR when ``cycle_momentum`` is set:
+    high momentum steadies the small-LR ends, low momentum leaves room at the peak.
+    """
+
+    def __init__(self, optimizer, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos",
+                 div_factor=25.0, final_div_factor=1e4, three_phase=False, cycle_momentum=True,
+                 base_momentum=0.85, max_momentum=0.95):
+        if not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        if not 0 <= pct_start <= 1:
+            raise ValueError(f"pct_start must be in [0, 1], got {pct_start!r}")
+        if anneal_strategy not in ("cos", "linear"):
+            raise ValueError(f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.anneal_strategy = anneal_strategy
+        self.cycle_momentum = cycle_momentum
+        groups = optimizer.param_groups
+        peak = _per_group("max_lr", max_lr, groups)
+        self.max_lrs = peak
+        self.initial_lrs = [p / div_factor for p in peak]
+        self.min_lrs = [lr / final_div_factor for lr in self.initial_lrs]
+        self.use_beta1 = "betas" in optimizer.defaults
+        if cycle_momentum and not self.use_beta1 and "momentum" not in optimizer.defaults:
+            raise ValueError("cycle_momentum needs an optimizer with 'momentum' or 'betas'")
+        self.base_momentums = _per_group("base_momentum", base_momentum, groups)
+        self.max_momentums = _per_group("max_momentum", max_momentum, groups)
+        # Each phase: (last step, LR from -> to, momentum from -> to) as keys into the tables.
+        warm_end = float(pct_start * total_steps) - 1
+        if three_phase:
+            self.phases = [
+                (warm_end, "initial", "max", "max", "base"),
+                (float(2 * pct_start * total_steps) - 2, "max", "initial", "base", "max"),
+                (total_steps - 1, "initial", "min", "max", "max"),
+            ]
+        else:
+            self.phases = [
+                (warm_end, "initial", "max", "max", "base"),
+                (total_steps - 1, "max", "min", "base", "max"),
+            ]
+        self.last_step = 0
+        self._apply()
+
+    def _tables(self, i):
+        lr = {"initial": self.initial_lrs[i], "max": self.max_lrs[i], "min": self.min_lrs[i]}
+        mom = {"base": self.base_momentums[i], "max": self.max_momentums[i]}
+        return lr, mom
+
+    def values_at(self, step):
+        """The (lrs, momentums) per param group at ``step``, without touching the optimizer."""
+        if step > self.total_steps:
+            raise ValueError(f"Tried to step {step} times. The specified number of total steps is "
+                             f"{self.total_steps}")
+        lrs, moms = [], []
+        for i in range(len(self.max_lrs)):
+            lr_table, mom_table = self._tables(i)
+            start = 0.0
+            for k, (end, lr_from, lr_to, m_from, m_to) in enumerate(self.phases):
+                if step <= end or k == len(self.phases) - 1:
+                    pct = (step - start) / (end - start)
+                    lrs.append(anneal(lr_table[lr_from], lr_table[lr_to], pct, self.anneal_strategy))
+                    moms.append(anneal(mom_table[m_from], mom_table[m_to], pct, self.anneal_strategy))
+                    break
+                start = end
+        return lrs, moms
+
+    def _apply(self):
+        lrs, moms = self.values_at(self.last_step)
+        for group, lr, mom in zip(self.optimizer.param_groups, lrs, moms):
+            group["lr"] = lr
+            if self.cycle_momentum:
+                if self.use_beta1:
+                    group["betas"] = (mom, *group["betas"][1:])
+                else:
+                    group["momentum"] = mom
+        self._last_lr = lrs
+
+    def step(self):
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self):
+        return list(self._last_lr)
+
+    def state_dict(self):
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state):
+        self.last_step = int(state["last_step"])
+        self._apply()
+
+
+def one_cycle_for_recipe(optimizer, lr_max, lr_min, epochs, steps_per_epoch, max_at_epoch):
+    """The assignments' one-cycle: linear up from lr_min to lr_max at ``max_at_epoch``, then
+    linearly back down to lr_min at the end (no annihilation below lr_min)."""
+    total = epochs * steps_per_epoch
+    return OneCycle(optimizer, max_lr=lr_max, total_steps=total, pct_start=max_at_epoch / epochs,
+                    anneal_strategy="linear", div_factor=lr_max / lr_min, final_div_factor=1.0)
