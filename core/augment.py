@@ -97,14 +97,20 @@ def cutout(x, size=8, p=1.0, fill=0, generator=None):
     return x.masked_fill(mask[:, None], fill)
 
 
-def resnet_recipe(x, generator=None):
-    """The superconvergence assignment's transform: RandomCrop 32 (pad 4), FlipLR, Cutout 8x8."""
+# Recipes are called as recipe(x, generator, mean, std) on a batch normalized with the dataset's
+# per-channel pixel-space (0..1) mean and std, which ops such as gray and mean-fill need.
+
+
+def resnet_recipe(x, generator=None, mean=None, std=None):
+    """The superconvergence assignment's transform: RandomCrop 32 (pad 4), FlipLR, Cutout 8x8.
+
+    Cutout's fill of 0 on the normalized batch is the dataset mean colour."""
     x = random_crop(x, padding=4, mode="reflect", generator=generator)
     x = hflip(x, p=0.5, generator=generator)
     return cutout(x, size=8, p=1.0, fill=0, generator=generator)
 
 
-def flip_crop_recipe(x, generator=None):
+def flip_crop_recipe(x, generator=None, mean=None, std=None):
     """Random crop with reflect padding 4 and a horizontal flip: light augmentation for small nets."""
     x = random_crop(x, padding=4, mode="reflect", generator=generator)
     return hflip(x, p=0.5, generator=generator)
