@@ -1,0 +1,39 @@
+"""Checkpoints that hold only tensors and plain Python values, so ``torch.load(weights_only=True)``
+can read them: no pickled classes, nothing that runs code on load."""
+
+import io
+import pickle
+import zipfile
+
+import torch
+
+from .errors import UserError
+from .outputs import atomic_write_bytes
+
+FORMAT = "cifar-toolkit-checkpoint-v1"
+
+
+def save_checkpoint(path, state):
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path, model_name=None):
+    """Load and validate a checkpoint; ``model_name`` refuses one of another model."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist: pass --resume PATH/last.pt of an earlier run") from None
+    except IsADirectoryError:
+        raise UserError(f"checkpoint {path} is a folder: pass --resume PATH/last.pt") from None
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable checkpoint ({exc.__class__.__name__}); "
+                        f"pass the last.pt or best.pt a training run wrote") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this toolkit (no '{FORMAT}' marker); "
+                        f"pass the last.pt or best.pt a training run wrote")
+    if model_name is not None and ckpt.get("model_name") != model_name:
+        raise UserError(f"{path} holds a '{ckpt.get('model_name')}' model, but this script trains "
+                        f"'{model_name}': use the matching train_*.py")
+    return ckpt
