@@ -7,6 +7,7 @@ any dtype (uint8 or normalized float); ``fill`` values are in the same space as 
 """
 
 import torch
+import torch.nn.functional as F
 
 PAD_MODES = ("constant", "reflect", "edge", "symmetric")
 
@@ -114,3 +115,166 @@ def flip_crop_recipe(x, generator=None, mean=None, std=None):
     """Random crop with reflect padding 4 and a horizontal flip: light augmentation for small nets."""
     x = random_crop(x, padding=4, mode="reflect", generator=generator)
     return hflip(x, p=0.5, generator=generator)
+
+
+# Albumentations-style ops. Their ``mean`` and ``std`` are the dataset's per-channel pixel-space
+# (0..1) statistics: given both, ``x`` is taken to be normalized as (pixel - mean) / std; without
+# them, ``x`` is in pixel space (0..1 floats or 0..255 uint8). Ops that need pixel values (gray,
+# a constant border, the mean fill) use them to move between the two spaces.
+
+BORDERS = ("reflect", "constant", "edge")
+
+
+def _channels(values, x):
+    """Per-channel statistics as a (1, C, 1, 1) float tensor on ``x``'s device."""
+    return torch.as_tensor(values, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+
+
+def _normalized(mean, std):
+    return mean is not None and std is not None
+
+
+def _to_pixel(x, mean, std):
+    return x * _channels(std, x) + _channels(mean, x) if _normalized(mean, std) else x
+
+
+def _from_pixel(x, mean, std):
+    return (x - _channels(mean, x)) / _channels(std, x) if _normalized(mean, std) else x
+
+
+def _like(values, x):
+    """Cast float results back to ``x``'s dtype, rounding and clamping for uint8 images."""
+    if x.dtype == torch.uint8:
+        return values.round().clamp(0, 255).to(torch.uint8)
+    return values.to(x.dtype)
+
+
+def _uniform(low, high, n, generator, device):
+    return low + (high - low) * _rand(n, generator, device)
+
+
+def _uniform_int(low, high, generator):
+    """Integers uniform in [low, high] inclusive; ``high`` is a tensor, one bound per draw."""
+    return low + (_rand(high.shape, generator, high.device) * (high - low + 1)).long()
+
+
+def _mean_fill(x, mean, std):
+    """The dataset mean colour in ``x``'s space, (1, C, 1, 1): 0 once normalized, ``mean`` in
+    pixel space (x255 for uint8), or the batch's own channel means when no statistics are given."""
+    if _normalized(mean, std):
+        return torch.zeros(1, x.shape[1], 1, 1, device=x.device)
+    if mean is not None:
+        return _channels(mean, x) * (255 if x.dtype == torch.uint8 else 1)
+    return x.float().mean((0, 2, 3)).reshape(1, -1, 1, 1)
+
+
+def coarse_dropout(x, max_holes=1, max_height=16, max_width=16, min_holes=None, min_height=None,
+                   min_width=None, fill="mean", p=0.5, generator=None, *, mean=None, std=None):
+    """Albumentations 1.3's CoarseDropout: with probability ``p`` per image, fill a number of holes
+    uniform in [min_holes, max_holes], each of a height and width uniform in their inclusive ranges
+    and lying wholly inside the image. Unset minimums equal the maximums.
+
+    Every image draws ``max_holes`` boxes and keeps only its first ``holes`` of them, so the
+    whole batch is masked at once. ``fill`` is a number in ``x``'s space or 'mean'.
+    """
+    n, _, h, w = x.shape
+    device = x.device
+    min_holes = max_holes if min_holes is None else min_holes
+    min_height = max_height if min_height is None else min_height
+    min_width = max_width if min_width is None else min_width
+    holes = _uniform_int(min_holes, torch.full((n, 1), max_holes, device=device), generator)
+    slots = (n, max_holes)
+    height = _uniform_int(min_height, torch.full(slots, max_height, device=device), generator)
+    width = _uniform_int(min_width, torch.full(slots, max_width, device=device), generator)
+    top = _uniform_int(0, h - height, generator)
+    left = _uniform_int(0, w - width, generator)
+    boxes = _box_mask(h, w, top.flatten(), left.flatten(), height.flatten(), width.flatten())
+    kept = torch.arange(max_holes, device=device) < holes
+    mask = (boxes.view(n, max_holes, h, w) & kept[:, :, None, None]).any(1)
+    mask &= (_rand(n, generator, device) < p)[:, None, None]
+    value = _mean_fill(x, mean, std) if fill == "mean" else torch.tensor(float(fill), device=device)
+    return torch.where(mask[:, None], _like(value, x), x)
+
+
+def _source_coords(coords, size, border):
+    """Fold source pixel coordinates into the image for ``border``, before bilinear sampling.
+
+    Interpolating a reflect-101 padded image at u equals interpolating the image at u folded
+    about the first and last pixel centres, so folding gives OpenCV's BORDER_REFLECT_101 exactly
+    (grid_sample's own 'reflection' reflects about the pixel edges when align_corners=False,
+    which repeats the edge pixel). Likewise clamping gives BORDER_REPLICATE. 'constant' leaves
+    coordinates outside, where grid_sample reads zeros.
+    """
+    if border == "constant":
+        return coords
+    if border == "edge" or size == 1:
+        return coords.clamp(0, size - 1)
+    if border == "reflect":
+        period = 2 * (size - 1)
+        coords = coords.remainder(period)
+        return torch.where(coords > size - 1, period - coords, coords)
+    raise ValueError(f"unknown border {border!r}; choose one of {', '.join(BORDERS)}")
+
+
+def _affine_warp(x, angle_deg, scale, dx, dy, border="reflect", fill=0.0):
+    """Warp each float image as albumentations' shift_scale_rotate does with cv2.warpAffine.
+
+    Per image: rotate by ``angle_deg`` (counter-clockwise as displayed) and scale about the
+    centre ((W-1)/2, (H-1)/2) in pixel-centre coordinates, then shift by (dx*W, dy*H) pixels.
+    Each output pixel samples, bilinearly, the source point the inverse map sends it to.
+    ``fill`` is the value outside the image for border='constant', in ``x``'s space.
+    """
+    n, _, h, w = x.shape
+    theta = torch.deg2rad(angle_deg)[:, None, None]
+    cos, sin, scale = theta.cos(), theta.sin(), scale[:, None, None]
+    xs = torch.arange(w, device=x.device)[None, None, :] - ((w - 1) / 2 + dx * w)[:, None, None]
+    ys = torch.arange(h, device=x.device)[None, :, None] - ((h - 1) / 2 + dy * h)[:, None, None]
+    u = _source_coords((cos * xs - sin * ys) / scale + (w - 1) / 2, w, border)
+    v = _source_coords((sin * xs + cos * ys) / scale + (h - 1) / 2, h, border)
+    grid = torch.stack([(2 * u + 1) / w - 1, (2 * v + 1) / h - 1], dim=-1)  # align_corners=False
+    warped = F.grid_sample(x - fill, grid.to(x.dtype), mode="bilinear", padding_mode="zeros",
+                           align_corners=False)
+    return warped + fill
+
+
+def shift_scale_rotate(x, shift_limit=0.0625, scale_limit=0.1, rotate_limit=45, border="reflect",
+                       p=0.5, generator=None, *, mean=None, std=None):
+    """Albumentations 1.3's ShiftScaleRotate: with probability ``p`` per image, shift by up to
+    ``shift_limit`` of the size on each axis, scale by 1 +- ``scale_limit`` and rotate by up to
+    ``rotate_limit`` degrees, all uniform, with bilinear sampling.
+
+    ``border`` is 'reflect' (OpenCV's default BORDER_REFLECT_101), 'edge', or 'constant', which
+    fills pixel value 0 even on a normalized batch. Images left alone come back bit-exact.
+    """
+    if border not in BORDERS:
+        raise ValueError(f"unknown border {border!r}; choose one of {', '.join(BORDERS)}")
+    n, device = x.shape[0], x.device
+    angle = _uniform(-rotate_limit, rotate_limit, n, generator, device)
+    scale = _uniform(1 - scale_limit, 1 + scale_limit, n, generator, device)
+    dx = _uniform(-shift_limit, shift_limit, n, generator, device)
+    dy = _uniform(-shift_limit, shift_limit, n, generator, device)
+    apply = _rand(n, generator, device) < p
+    fill = _from_pixel(torch.zeros(1, x.shape[1], 1, 1, device=device), mean, std)
+    warped = _affine_warp(x.float(), angle, scale, dx, dy, border, fill)
+    return torch.where(apply[:, None, None, None], _like(warped, x), x)
+
+
+def to_gray(x, p=0.2, generator=None, *, mean=None, std=None):
+    """With probability ``p`` per image, set all three channels to the luma 0.299 R + 0.587 G +
+    0.114 B (OpenCV's RGB2GRAY), computed in pixel space so a grayed image stays gray there."""
+    pixel = _to_pixel(x.float(), mean, std)
+    luma = 0.299 * pixel[:, 0:1] + 0.587 * pixel[:, 1:2] + 0.114 * pixel[:, 2:3]
+    gray = _from_pixel(luma.expand_as(pixel), mean, std)
+    apply = _rand(x.shape[0], generator, x.device) < p
+    return torch.where(apply[:, None, None, None], _like(gray, x), x)
+
+
+def dilated_recipe(x, generator=None, mean=None, std=None):
+    """The dilated-net assignment's albumentations set: HorizontalFlip, ShiftScaleRotate,
+    CoarseDropout of one 16x16 hole in the mean colour, ToGray."""
+    stats = dict(mean=mean, std=std)
+    x = hflip(x, p=0.5, generator=generator)
+    x = shift_scale_rotate(x, p=0.5, generator=generator, **stats)
+    x = coarse_dropout(x, max_holes=1, max_height=16, max_width=16, min_holes=1, min_height=16,
+                       min_width=16, fill="mean", p=0.5, generator=generator, **stats)
+    return to_gray(x, p=0.2, generator=generator, **stats)

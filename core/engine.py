@@ -1,6 +1,11 @@
 """The training engine shared by every script: one step, one epoch, evaluation, and the fit loop."""
 
+import math
+import sys
+import time
+
 import torch
+import torch.nn.functional as F
 
 from .device import autocast
 
@@ -15,3 +20,91 @@ def train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler):
     scaler.step(optimizer)
     scaler.update()
     return loss.detach(), logits.detach()
+
+
+def _bar(iterable, total, desc, progress):
+    """A tqdm bar on a terminal; None (plain log lines instead) when piped or --no-progress."""
+    if not (progress and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=True)
+
+
+def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, scaler,
+                progress=True, log_every=10, desc="train"):
+    """Train for one pass over ``loader``, stepping ``schedule`` after every batch.
+
+    Loss and accuracy accumulate on the device; the host reads them only every ``log_every``
+    steps for the bar (and to stop a run whose loss is no longer finite), so the GPU queue
+    never drains for bookkeeping. Returns the epoch's figures and timing, where
+    ``first_step_s`` isolates the first step (warm-up, compilation) from the throughput.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = _bar(loader, len(loader), desc, progress)
+    start = time.perf_counter()
+    first_step_s = None
+    for i, (x, y) in enumerate(bar if bar is not None else loader):
+        loss, logits = train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler)
+        schedule.step()
+        loss_sum += loss * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if i == 0:
+            synchronize(device)
+            first_step_s = time.perf_counter() - start
+        if (i + 1) % log_every == 0 or i + 1 == len(loader):
+            avg = loss_sum.item() / seen
+            if not math.isfinite(avg):
+                raise NonFiniteLoss(f"the training loss became {avg} at step {i + 1} of the epoch")
+            if bar is not None:
+                bar.set_postfix_str(f"Loss={avg:.4f} Batch_id={i} Accuracy={100 * correct.item() / seen:.2f} "
+                                    f"LR={optimizer.param_groups[0]['lr']:.5g}", refresh=False)
+    synchronize(device)
+    if bar is not None:
+        bar.close()
+    return {"loss": loss_sum.item() / max(seen, 1), "acc": 100 * correct.item() / max(seen, 1),
+            "seconds": time.perf_counter() - start, "first_step_s": first_step_s or 0.0, "images": seen}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp_dtype, keep_predictions=False):
+    """Mean cross-entropy and accuracy over ``loader`` (in order); optionally every prediction."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    preds = []
+    for x, y in loader:
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        pred = logits.argmax(1)
+        correct += (pred == y).sum()
+        if keep_predictions:
+            preds.append(pred)
+    total = len(loader.labels)
+    result = {"loss": loss_sum.item() / total, "correct": int(correct.item()), "total": total}
+    result["acc"] = 100 * result["correct"] / total
+    if keep_predictions:
+        result["predictions"] = torch.cat(preds).cpu()
+    return result
+
+
+def test_line(result):
+    """The line users know from the assignments' logs."""
+    return (f"Test set: Average loss: {result['loss']:.4f}, "
+            f"Accuracy: {result['correct']}/{result['total']} ({result['acc']:.2f}%)")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when the loss is NaN or inf: the run stops and keeps its last good checkpoint."""

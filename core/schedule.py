@@ -124,3 +124,99 @@ def one_cycle_for_recipe(optimizer, lr_max, lr_min, epochs, steps_per_epoch, max
     total = epochs * steps_per_epoch
     return OneCycle(optimizer, max_lr=lr_max, total_steps=total, pct_start=max_at_epoch / epochs,
                     anneal_strategy="linear", div_factor=lr_max / lr_min, final_div_factor=1.0)
+
+
+class Cyclic:
+    """Smith's cyclical learning rates: triangle waves between ``base_lr`` and ``max_lr``.
+
+    Follows ``torch.optim.lr_scheduler.CyclicLR`` step for step for its three built-in modes.
+    Each cycle rises for ``step_size_up`` steps and falls for ``step_size_down`` (default: the
+    same). The wave's height is scaled by 'triangular': 1; 'triangular2': halved each cycle;
+    'exp_range': ``gamma ** step``, shrinking every step rather than every cycle. Momentum (SGD)
+    or beta1 (Adam) runs opposite to the LR between ``max_momentum`` and ``base_momentum``.
+
+    Like torch, construction writes the step-0 values (LR = base_lr, momentum = max_momentum)
+    and torch's bookkeeping keys ('initial_lr', 'base_momentum', 'max_momentum') into the param
+    groups, so an optimizer checkpoint looks the same as one made under CyclicLR.
+    """
+
+    modes = ("triangular", "triangular2", "exp_range")
+
+    def __init__(self, optimizer, base_lr, max_lr, step_size_up=2000, step_size_down=None,
+                 mode="triangular", gamma=1.0, cycle_momentum=True, base_momentum=0.8,
+                 max_momentum=0.9):
+        if mode not in self.modes:
+            raise ValueError(f"mode must be one of {self.modes}, got {mode!r}")
+        if step_size_down is None:
+            step_size_down = step_size_up
+        if step_size_up <= 0 or step_size_down < 0:
+            raise ValueError(f"step sizes must be up > 0 and down >= 0, got {step_size_up!r} "
+                             f"and {step_size_down!r}")
+        self.optimizer = optimizer
+        self.mode = mode
+        self.gamma = gamma
+        self.cycle_momentum = cycle_momentum
+        self.total_size = float(step_size_up) + float(step_size_down)
+        self.step_ratio = float(step_size_up) / self.total_size
+        groups = optimizer.param_groups
+        self.base_lrs = _per_group("base_lr", base_lr, groups)
+        self.max_lrs = _per_group("max_lr", max_lr, groups)
+        self.use_beta1 = "betas" in optimizer.defaults
+        if cycle_momentum and not self.use_beta1 and "momentum" not in optimizer.defaults:
+            raise ValueError("cycle_momentum needs an optimizer with 'momentum' or 'betas'")
+        self.base_momentums = _per_group("base_momentum", base_momentum, groups)
+        self.max_momentums = _per_group("max_momentum", max_momentum, groups)
+        for i, group in enumerate(groups):
+            group.setdefault("initial_lr", self.base_lrs[i])
+            if cycle_momentum:
+                group["base_momentum"] = self.base_momentums[i]
+                group["max_momentum"] = self.max_momentums[i]
+        self.last_step = 0
+        self._apply()
+
+    def _scale(self, cycle, step):
+        """The fraction of the full wave height (max - base) that ``step`` in ``cycle`` gets."""
+        if self.mode == "triangular2":
+            return 1 / (2.0 ** (cycle - 1))
+        if self.mode == "exp_range":
+            return self.gamma ** step
+        return 1.0
+
+    def values_at(self, step):
+        """The (lrs, momentums) per param group at ``step``, without touching the optimizer."""
+        cycle = math.floor(1 + step / self.total_size)
+        x = 1.0 + step / self.total_size - cycle  # position inside the cycle, in [0, 1)
+        if x <= self.step_ratio:
+            rise = x / self.step_ratio
+        else:
+            rise = (x - 1) / (self.step_ratio - 1)
+        scale = self._scale(cycle, step)
+        lrs = [lo + (hi - lo) * rise * scale for lo, hi in zip(self.base_lrs, self.max_lrs)]
+        moms = [hi - (hi - lo) * rise * scale
+                for lo, hi in zip(self.base_momentums, self.max_momentums)]
+        return lrs, moms
+
+    def _apply(self):
+        lrs, moms = self.values_at(self.last_step)
+        for group, lr, mom in zip(self.optimizer.param_groups, lrs, moms):
+            group["lr"] = lr
+            if self.cycle_momentum:
+                if self.use_beta1:
+                    group["betas"] = (mom, *group["betas"][1:])
+                else:
+                    group["momentum"] = mom
+        self._last_lr = lrs
+
+    def step(self):
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self):
+        return list(self._last_lr)
+
+    def state_dict(self):
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state):
+        self.last_step = int(state["last_step"])
+        self._apply()

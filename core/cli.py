@@ -1,0 +1,104 @@
+"""Command-line flags shared by the train scripts, and the wrapper that turns a UserError into a
+one-line message and a non-zero exit instead of a traceback."""
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with single-line errors, like the rest of the toolkit's messages."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def add_data_args(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, metavar="PATH",
+                   help="CIFAR-10 source: a folder holding cifar-10-batches-py/, an image folder with "
+                        "train/<class>/ and test/<class>/, or a .tar/.tar.gz/.tgz of either "
+                        "(default: ./data, downloading the official dataset there if missing)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where decoded uint8 arrays are cached (default: ~/.cache/cifar-toolkit; 'none' disables)")
+    g.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
+                   help="train on a fixed class-balanced selection of the first N images")
+    g.add_argument("--test-subset", type=positive_int, default=None, metavar="N",
+                   help="evaluate on a fixed class-balanced selection of the first N test images")
+
+
+def add_device_args(p):
+    g = p.add_argument_group("device and speed")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="where to train; auto takes CUDA, then MPS, then the CPU")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision; auto: bf16 on recent GPUs and AMX/AVX512-BF16 CPUs, "
+                        "fp16 with loss scaling on older GPUs (T4), else fp32")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory layout, faster for convs with AMP (default: on)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
+    g.add_argument("--no-progress", action="store_true", help="plain log lines instead of tqdm bars")
+
+
+def build_train_parser(recipe):
+    p = ArgumentParser(prog=recipe.script, description=recipe.description,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_args(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, help="number of epochs")
+    g.add_argument("--batch-size", type=positive_int, help="training batch size")
+    g.add_argument("--eval-batch-size", type=positive_int, default=1024, help="evaluation batch size")
+    g.add_argument("--lr-max", type=positive_float, help="one-cycle peak LR")
+    g.add_argument("--lr-min", type=positive_float, help="one-cycle start and end LR (no annihilation)")
+    g.add_argument("--max-at-epoch", type=float, help="epoch at which the LR peaks")
+    g.add_argument("--optimizer", choices=["sgd", "adam"], help="SGD with Nesterov momentum, or Adam")
+    g.add_argument("--weight-decay", type=non_negative_float, help="L2 weight decay")
+    g.add_argument("--label-smoothing", type=non_negative_float, help="label smoothing of the training loss")
+    add_device_args(p)
+    g = p.add_argument_group("outputs and checkpoints")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help=f"output folder (default: runs/{recipe.name}-<timestamp>, or the checkpoint's folder on --resume)")
+    g.add_argument("--resume", default=None, metavar="PATH", help="continue from a last.pt or best.pt")
+    g.add_argument("--eval-only", action="store_true",
+                   help="with --resume: evaluate the checkpoint on --data's test split and write eval.json")
+    p.set_defaults(**recipe.defaults)
+    return p
+
+
+def run_cli(entry, argv, parser):
+    """Parse ``argv`` and run ``entry(args)``, turning UserError into one line on stderr."""
+    args = parser.parse_args(argv)
+    try:
+        return entry(args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
