@@ -22,11 +22,7 @@ def _randint(high, n, generator, device):
 
 
 def _padded_to_source(size, padding, mode, device):
-    """Map each coordinate of a padded axis to the source coordinate it copies (-1: fill).
-
-    Doing the padding as an index map lets one gather do pad and crop together, for every
-    torchvision pad mode, including 'symmetric' which ``F.pad`` lacks.
-    """
+    """Map each coordinate of a padded axis to the source coordinate it copies (-1: fill)."""
     s = torch.arange(-padding, size + padding, device=device)
     if mode == "constant":
         return torch.where((s >= 0) & (s < size), s, torch.full_like(s, -1))
@@ -45,17 +41,13 @@ def _padded_to_source(size, padding, mode, device):
     raise ValueError(f"unknown padding mode {mode!r}; choose one of {', '.join(PAD_MODES)}")
 
 
-def random_crop(x, padding=4, mode="reflect", fill=0, generator=None):
-    """Pad each image by ``padding`` and crop it back to its size at a random offset.
+def crop_at(x, dy, dx, padding=4, mode="reflect", fill=0):
+    """Pad each image by ``padding`` and crop it back to its size at offsets (dy[i], dx[i]).
 
-    Equal, pixel for pixel, to torchvision's ``pad`` then a crop at an offset drawn uniformly
-    from [0, 2*padding] on each axis, independently per image.
+    The padding is an index map, so one gather does pad and crop together for every
+    torchvision pad mode, including 'symmetric', which ``F.pad`` lacks.
     """
     n, _, h, w = x.shape
-    if padding == 0:
-        return x
-    dy = _randint(2 * padding, n, generator, x.device)
-    dx = _randint(2 * padding, n, generator, x.device)
     rows = _padded_to_source(h, padding, mode, x.device)[dy[:, None] + torch.arange(h, device=x.device)]
     cols = _padded_to_source(w, padding, mode, x.device)[dx[:, None] + torch.arange(w, device=x.device)]
     batch = torch.arange(n, device=x.device)[:, None, None]
@@ -65,6 +57,16 @@ def random_crop(x, padding=4, mode="reflect", fill=0, generator=None):
         outside = (rows < 0)[:, :, None] | (cols < 0)[:, None, :]
         out = out.masked_fill(outside[:, None], fill)
     return out.contiguous()
+
+
+def random_crop(x, padding=4, mode="reflect", fill=0, generator=None):
+    """Equal, pixel for pixel, to torchvision's ``pad`` then a crop at an offset drawn uniformly
+    from [0, 2*padding] on each axis, independently per image."""
+    if padding == 0:
+        return x
+    dy = _randint(2 * padding, x.shape[0], generator, x.device)
+    dx = _randint(2 * padding, x.shape[0], generator, x.device)
+    return crop_at(x, dy, dx, padding, mode, fill)
 
 
 def hflip(x, p=0.5, generator=None):
@@ -153,9 +155,9 @@ def _uniform(low, high, n, generator, device):
     return low + (high - low) * _rand(n, generator, device)
 
 
-def _uniform_int(low, high, generator):
-    """Integers uniform in [low, high] inclusive; ``high`` is a tensor, one bound per draw."""
-    return low + (_rand(high.shape, generator, high.device) * (high - low + 1)).long()
+def _uniform_int(low, high, shape, generator, device):
+    """Integers uniform in [low, high] inclusive; ``high`` may be a tensor of per-draw bounds."""
+    return low + (_rand(shape, generator, device) * (high - low + 1)).long()
 
 
 def _mean_fill(x, mean, std):
@@ -168,32 +170,41 @@ def _mean_fill(x, mean, std):
     return x.float().mean((0, 2, 3)).reshape(1, -1, 1, 1)
 
 
+def _holes(n, size, holes, heights, widths, generator, device):
+    """Each image's hole count (N, 1) and its slots' top, left, height and width (N, max_holes).
+
+    ``holes``, ``heights`` and ``widths`` are inclusive (min, max) ranges; every hole lies wholly
+    inside an image of ``size`` (H, W).
+    """
+    slots = (n, holes[1])
+    count = _uniform_int(*holes, (n, 1), generator, device)
+    height = _uniform_int(*heights, slots, generator, device)
+    width = _uniform_int(*widths, slots, generator, device)
+    top = _uniform_int(0, size[0] - height, slots, generator, device)
+    left = _uniform_int(0, size[1] - width, slots, generator, device)
+    return count, top, left, height, width
+
+
 def coarse_dropout(x, max_holes=1, max_height=16, max_width=16, min_holes=None, min_height=None,
                    min_width=None, fill="mean", p=0.5, generator=None, *, mean=None, std=None):
     """Albumentations 1.3's CoarseDropout: with probability ``p`` per image, fill a number of holes
     uniform in [min_holes, max_holes], each of a height and width uniform in their inclusive ranges
     and lying wholly inside the image. Unset minimums equal the maximums.
 
-    Every image draws ``max_holes`` boxes and keeps only its first ``holes`` of them, so the
+    Every image draws ``max_holes`` boxes and keeps only its first ``count`` of them, so the
     whole batch is masked at once. ``fill`` is a number in ``x``'s space or 'mean'.
     """
     n, _, h, w = x.shape
-    device = x.device
-    min_holes = max_holes if min_holes is None else min_holes
-    min_height = max_height if min_height is None else min_height
-    min_width = max_width if min_width is None else min_width
-    holes = _uniform_int(min_holes, torch.full((n, 1), max_holes, device=device), generator)
-    slots = (n, max_holes)
-    height = _uniform_int(min_height, torch.full(slots, max_height, device=device), generator)
-    width = _uniform_int(min_width, torch.full(slots, max_width, device=device), generator)
-    top = _uniform_int(0, h - height, generator)
-    left = _uniform_int(0, w - width, generator)
+    holes = (max_holes if min_holes is None else min_holes, max_holes)
+    heights = (max_height if min_height is None else min_height, max_height)
+    widths = (max_width if min_width is None else min_width, max_width)
+    count, top, left, height, width = _holes(n, (h, w), holes, heights, widths, generator, x.device)
     boxes = _box_mask(h, w, top.flatten(), left.flatten(), height.flatten(), width.flatten())
-    kept = torch.arange(max_holes, device=device) < holes
+    kept = torch.arange(max_holes, device=x.device) < count
     mask = (boxes.view(n, max_holes, h, w) & kept[:, :, None, None]).any(1)
-    mask &= (_rand(n, generator, device) < p)[:, None, None]
-    value = _mean_fill(x, mean, std) if fill == "mean" else torch.tensor(float(fill), device=device)
-    return torch.where(mask[:, None], _like(value, x), x)
+    mask &= (_rand(n, generator, x.device) < p)[:, None, None]
+    value = _mean_fill(x, mean, std) if fill == "mean" else torch.full((), float(fill))
+    return torch.where(mask[:, None], _like(value.to(x.device), x), x)
 
 
 def _source_coords(coords, size, border):
@@ -221,7 +232,8 @@ def _affine_warp(x, angle_deg, scale, dx, dy, border="reflect", fill=0.0):
 
     Per image: rotate by ``angle_deg`` (counter-clockwise as displayed) and scale about the
     centre ((W-1)/2, (H-1)/2) in pixel-centre coordinates, then shift by (dx*W, dy*H) pixels.
-    Each output pixel samples, bilinearly, the source point the inverse map sends it to.
+    Each output pixel samples, bilinearly, the source point the inverse map sends it to; at
+    power-of-two sizes such as CIFAR's, the identity warp returns ``x`` bit for bit.
     ``fill`` is the value outside the image for border='constant', in ``x``'s space.
     """
     n, _, h, w = x.shape
@@ -231,10 +243,15 @@ def _affine_warp(x, angle_deg, scale, dx, dy, border="reflect", fill=0.0):
     ys = torch.arange(h, device=x.device)[None, :, None] - ((h - 1) / 2 + dy * h)[:, None, None]
     u = _source_coords((cos * xs - sin * ys) / scale + (w - 1) / 2, w, border)
     v = _source_coords((sin * xs + cos * ys) / scale + (h - 1) / 2, h, border)
-    grid = torch.stack([(2 * u + 1) / w - 1, (2 * v + 1) / h - 1], dim=-1)  # align_corners=False
-    warped = F.grid_sample(x - fill, grid.to(x.dtype), mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
-    return warped + fill
+    grid = torch.stack([(2 * u + 1) / w - 1, (2 * v + 1) / h - 1], dim=-1).to(x.dtype)
+
+    def sample(t):
+        return F.grid_sample(t, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    if border != "constant":
+        return sample(x)
+    inside = sample(torch.ones_like(x[:, :1]))  # the weight that falls on the image itself
+    return sample(x) + (1 - inside) * fill
 
 
 def shift_scale_rotate(x, shift_limit=0.0625, scale_limit=0.1, rotate_limit=45, border="reflect",

@@ -234,5 +234,6 @@ def finish(out, state, schedule, steps_per_epoch, optimizer, model, test_loader,
     plots.plot_lr_schedule([v[0][0] for v in values], [v[1][0] for v in values], steps_per_epoch,
                            out / "lr_schedule.png", momentum_label=label)
     preds = evaluate(model, test_loader, device, amp_dtype, keep_predictions=True)["predictions"].numpy()
-    wrong = np.flatnonzero(preds != test.labels)[:MISCLASSIFIED_SHOWN]
+    wrong = np.flatnonzero(preds != test.labels)
+    wrong = wrong[np.linspace(0, len(wrong) - 1, min(len(wrong), MISCLASSIFIED_SHOWN)).astype(int)]  # spread over classes
     plots.plot_misclassified(test.images[wrong], test.labels[wrong], preds[wrong], classes, out / "misclassified.png")

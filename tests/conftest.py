@@ -1,0 +1,66 @@
+"""Tiny synthetic CIFAR-10 look-alikes in every format the loader accepts."""
+
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def synthetic_images(n, seed):
+    """Images whose class is visible (a per-class colour), so a tiny run can learn something."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    colours = np.stack([labels * 25, 250 - labels * 25, (labels * 70) % 250], axis=1)
+    noise = rng.integers(-40, 40, (n, 3, 32, 32))
+    images = np.clip(colours[:, :, None, None] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def write_batches(folder, n_train=100, n_test=50):
+    """A cifar-10-batches-py folder: five train batches, a test batch and batches.meta."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = synthetic_images(n_train, seed=0)
+    for i, chunk in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+        batch = {"data": images[chunk].reshape(len(chunk), -1), "labels": labels[chunk].tolist()}
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    images, labels = synthetic_images(n_test, seed=1)
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": images.reshape(n_test, -1), "labels": labels.tolist()}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": CLASSES}))
+    return folder
+
+
+def write_image_folder(root, n_train=100, n_test=50, ext="png", classes=CLASSES):
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = synthetic_images(n, seed)
+        for i, (img, label) in enumerate(zip(images, labels)):
+            if label >= len(classes):
+                continue
+            d = root / split / classes[label]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.transpose(1, 2, 0)).save(d / f"{i:04d}.{ext}", quality=95)
+    return root
+
+
+def write_tar(src, tar_path, arcname):
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(src, arcname=arcname)
+    return tar_path
+
+
+@pytest.fixture
+def batches_dir(tmp_path):
+    return write_batches(tmp_path / "official" / "cifar-10-batches-py").parent
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    return write_image_folder(tmp_path / "imgs")
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"

@@ -1,0 +1,173 @@
+"""train_resnet.py end to end on tiny synthetic data: outputs, exact resume, evaluation, refusals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_resnet
+from core import trainer
+from core.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import write_batches, write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=200, n_test=100)
+
+
+def tiny(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "50",
+            "--max-at-epoch", "1", "--lr-max", "0.05", "--lr-min", "0.005", "--device", "cpu",
+            "--cache-dir", "none", "--no-progress", "--seed", "0", *extra]
+
+
+def metrics(out):
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert train_resnet.main(tiny(data, out)) == 0
+    return out
+
+
+def test_a_run_writes_every_output(full_run, capfd):
+    names = {p.name for p in full_run.iterdir()}
+    assert {"metrics.json", "metrics.csv", "summary.txt", "last.pt", "best.pt", "curves.png",
+            "lr_schedule.png", "misclassified.png"} <= names
+    m = metrics(full_run)
+    assert m["params"] == 6_573_130 and len(m["history"]) == 3
+    assert m["final_test_acc"] == m["history"][-1]["test_acc"]
+    assert m["best_test_acc"] == max(h["test_acc"] for h in m["history"])
+    assert m["train_images_per_s"] > 0 and m["lr_max"] == 0.05 and m["lr_min"] == 0.005
+    assert set(m["history"][0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s"}
+    assert len((full_run / "metrics.csv").read_text().splitlines()) == 4
+    assert "Total params: 6,573,130" in (full_run / "summary.txt").read_text()
+    ckpt = load_checkpoint(full_run / "last.pt", "resnet")
+    assert ckpt["epoch"] == 3 and ckpt["args"]["lr_max"] == 0.05
+
+
+def test_log_has_the_seed_style_lines(data, tmp_path, capsys):
+    assert train_resnet.main(tiny(data, tmp_path, "--epochs", "2")) == 0
+    out = capsys.readouterr().out
+    assert "EPOCH: 1 (LR: 0.005" in out and "EPOCH: 2 (LR: " in out
+    assert out.count("Test set: Average loss: ") == 2 and "Accuracy: " in out and "/100 (" in out
+    assert "Total params: 6,573,130" in out
+
+
+def test_interrupted_run_resumes_to_the_same_result(data, full_run, tmp_path, monkeypatch):
+    real_epoch = trainer.train_epoch
+    calls = []
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_epoch", interrupt_second_epoch)
+    assert train_resnet.main(tiny(data, tmp_path)) == 130
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(trainer, "train_epoch", real_epoch)
+    assert train_resnet.main(["--resume", str(tmp_path / "last.pt"), "--no-progress"]) == 0
+    resumed, straight = metrics(tmp_path), metrics(full_run)
+    for key in ("test_acc", "test_loss", "train_loss"):
+        assert [h[key] for h in resumed["history"]] == [h[key] for h in straight["history"]], key
+    a = load_checkpoint(tmp_path / "last.pt")["model"]
+    b = load_checkpoint(full_run / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_only_on_a_test_only_folder(full_run, tmp_path, capsys):
+    test_only = write_image_folder(tmp_path / "test_only", n_train=0, n_test=100)
+    args = ["--eval-only", "--resume", str(full_run / "best.pt"), "--data", str(test_only),
+            "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none"]
+    assert train_resnet.main(args) == 0
+    assert "Test set: Average loss: " in capsys.readouterr().out
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert 0 <= result["test_acc"] <= 100 and result["test_loss"] > 0 and result["total"] == 100
+
+
+def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys):
+    code = train_resnet.main(tiny(data, tmp_path, "--lr-max", "1e12", "--lr-min", "1e11", "--amp", "off"))
+    assert code == 1
+    assert "loss became" in one_error_line(capsys)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 0
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--batch-size", "-4"], ["--lr-max", "-0.1"], ["--lr-max", "0"]])
+def test_non_positive_numbers_are_refused_by_the_parser(data, tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        train_resnet.main(tiny(data, tmp_path / "out", *flags))
+    assert exit_info.value.code == 2
+    assert "must be positive" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-at-epoch", "5"], "--max-at-epoch 5.0 must lie strictly between 0 and --epochs 3"),
+    (["--lr-min", "0.5"], "must be below --lr-max"),
+    (["--batch-size", "5000"], "exceeds the 200 training images"),
+])
+def test_inconsistent_flags_give_one_line(data, tmp_path, capsys, flags, message):
+    assert train_resnet.main(tiny(data, tmp_path / "out", *flags)) == 1
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "out").exists(), "nothing is written for bad input"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.pt", "does not exist"),
+    (lambda d: (d / "junk.pt").write_bytes(b"not a checkpoint") and d / "junk.pt", "is not a readable checkpoint"),
+    (lambda d: torch.save({"weights": torch.zeros(2)}, d / "plain.pt") or d / "plain.pt", "not a checkpoint of this toolkit"),
+    (lambda d: save_checkpoint(d / "other.pt", {"model_name": "dilated"}) or d / "other.pt", "holds a 'dilated' model"),
+])
+def test_bad_resume_paths(tmp_path, capsys, make, message):
+    path = make(tmp_path)
+    assert train_resnet.main(["--resume", str(path), "--device", "cpu"]) == 1
+    assert message in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "nowhere", "does not exist"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "is empty"),
+])
+def test_bad_data_paths(tmp_path, capsys, make, message):
+    args = ["--data", str(make(tmp_path)), "--out", str(tmp_path / "out"), "--device", "cpu", "--cache-dir", "none"]
+    assert train_resnet.main(args) == 1
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_data_without_internet(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.chdir(tmp_path)
+    assert train_resnet.main(["--device", "cpu", "--cache-dir", "none", "--out", "out"]) == 1
+    assert "pass --data PATH to a local copy" in one_error_line(capsys)
+
+
+def test_real_process_exits_non_zero_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "train_resnet.py", "--data", str(tmp_path / "missing"), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: data path") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

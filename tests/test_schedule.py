@@ -1,0 +1,78 @@
+"""Our OneCycle against torch's OneCycleLR, step for step."""
+
+import pytest
+import torch
+
+from core.schedule import OneCycle, one_cycle_for_recipe
+
+CONFIGS = [
+    dict(max_lr=0.4, total_steps=100),
+    dict(max_lr=0.4, total_steps=97, pct_start=0.2, anneal_strategy="linear", div_factor=100, final_div_factor=1.0),
+    dict(max_lr=0.01, total_steps=50, three_phase=True),
+    dict(max_lr=0.01, total_steps=61, three_phase=True, anneal_strategy="linear", div_factor=10, final_div_factor=3),
+    dict(max_lr=[0.1, 0.02], total_steps=40, base_momentum=0.8, max_momentum=0.9),
+    dict(max_lr=0.05, total_steps=30, cycle_momentum=False),
+]
+
+
+def optimizer(kind, groups=1):
+    params = [{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(groups)]
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+    return torch.optim.Adam(params, lr=0.1)
+
+
+def momentum_of(group):
+    return group["betas"][0] if "betas" in group else group["momentum"]
+
+
+def close(a, b):
+    return abs(a - b) <= 1e-9 * max(abs(b), 1e-30)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_one_cycle_matches_torch_at_every_step(kind, cfg):
+    groups = len(cfg["max_lr"]) if isinstance(cfg["max_lr"], list) else 1
+    ours_opt, torch_opt = optimizer(kind, groups), optimizer(kind, groups)
+    ours = OneCycle(ours_opt, **cfg)
+    theirs = torch.optim.lr_scheduler.OneCycleLR(torch_opt, **cfg)
+    for step in range(cfg["total_steps"] + 1):
+        for g_ours, g_theirs in zip(ours_opt.param_groups, torch_opt.param_groups):
+            assert close(g_ours["lr"], g_theirs["lr"]), (step, g_ours["lr"], g_theirs["lr"])
+            assert close(momentum_of(g_ours), momentum_of(g_theirs)), step
+        assert ours.get_last_lr() == pytest.approx(theirs.get_last_lr(), rel=1e-9)
+        if step < cfg["total_steps"]:
+            ours_opt.step(), torch_opt.step()
+            ours.step(), theirs.step()
+
+
+def test_stepping_past_the_end_raises_like_torch():
+    opt = optimizer("sgd")
+    sched = OneCycle(opt, max_lr=0.1, total_steps=5)
+    for _ in range(5):
+        sched.step()
+    with pytest.raises(ValueError, match="Tried to step 6 times"):
+        sched.step()
+
+
+def test_state_dict_round_trip_restores_the_position():
+    opt = optimizer("sgd")
+    sched = OneCycle(opt, max_lr=0.1, total_steps=20)
+    for _ in range(7):
+        sched.step()
+    other_opt = optimizer("sgd")
+    other = OneCycle(other_opt, max_lr=0.1, total_steps=20)
+    other.load_state_dict(sched.state_dict())
+    assert other_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert other_opt.param_groups[0]["momentum"] == opt.param_groups[0]["momentum"]
+
+
+def test_recipe_schedule_peaks_at_max_at_epoch_and_ends_at_lr_min():
+    opt = optimizer("sgd")
+    sched = one_cycle_for_recipe(opt, lr_max=0.4, lr_min=0.004, epochs=24, steps_per_epoch=98, max_at_epoch=5)
+    lrs = [sched.values_at(s)[0][0] for s in range(24 * 98)]
+    assert lrs[0] == pytest.approx(0.004)
+    assert max(lrs) == pytest.approx(0.4) and lrs.index(max(lrs)) == 5 * 98 - 1
+    assert lrs[-1] == pytest.approx(0.004)
+    assert lrs[100] - lrs[99] == pytest.approx(lrs[200] - lrs[199]), "linear warm-up"
