@@ -90,7 +90,7 @@ def receptive_field_table(model, input_size=32):
     def hook(module, inputs, output):
         x = inputs[0]
         if tags.get(x) is None:
-            raise ValueError(f"{names[module]}: input not traced back to the image")
+            raise ValueError(f"{names[module]}: its input does not trace back to the image")
         rin, jin = tags.get(x)
         nin, nout = x.shape[-2], output.shape[-2]
         padding, kernel, stride, dilation = _geometry(module, nin, nout)
@@ -101,7 +101,7 @@ def receptive_field_table(model, input_size=32):
                          nout=nout, jin=jin, jout=jout, rin=rin, rout=rout))
 
     handles = [m.register_forward_hook(hook) for m in names]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     device = next(model.parameters()).device
     try:
         model.eval()
@@ -110,7 +110,8 @@ def receptive_field_table(model, input_size=32):
             tags.set(x, (1, 1))
             model(x)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
         for h in handles:
             h.remove()
     return rows

@@ -1,9 +1,10 @@
 """Model constructors, by the names the CLIs use."""
 
+from .dilated import DilatedNet
 from .resnet import CustomResNet
 from .ultimus import UltimusNet
 
-MODELS = {"resnet": CustomResNet, "ultimus": UltimusNet}
+MODELS = {"resnet": CustomResNet, "dilated": DilatedNet, "ultimus": UltimusNet}
 
 
 def build_model(name, **kwargs):

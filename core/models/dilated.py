@@ -1,19 +1,20 @@
 """C1C2C3C4O: the dilated-convolution assignment's CIFAR-10 net, with no max pooling and under
 200k parameters.
 
-Four blocks of three 3x3 convs, then GAP and the output layer. Each block's first conv sets its
-width and its second is a residual conv; the third ends blocks C1-C3 by halving the resolution
-with stride 2. The 'dilated' variant strides nowhere: it keeps every block at 32x32 and doubles
-the dilation of all later convs at each place a stride was dropped, which leaves the receptive
-field of every unit as it was (Yu et al.'s dilated residual networks). C1's residual conv is
-dilated in both variants. Blocks C3 and C4 use depthwise-separable convs, whose parameters
-grow with c_in + c_out rather than c_in * c_out, to afford their widths.
+Four blocks of three 3x3 convs (plain or depthwise-separable), then GAP and the output layer.
+Each block's first conv sets its width and its second is a residual conv; the third ends blocks
+C1-C3 by halving the resolution with stride 2. The 'dilated' variant strides nowhere: it keeps
+every block at 32x32 and doubles the dilation of all later convs at each place a stride was
+dropped, which leaves the receptive field of every unit as it was (Yu et al.'s dilated residual
+networks). C1's residual conv is dilated in both variants. Wide layers use depthwise-separable
+convs, whose parameters grow with c_in + c_out rather than c_in * c_out, to afford their widths.
 
 Every conv is followed by BN and ReLU. Dropout defaults to off: the assignment's augmentations
-already regularize a net of this size hard enough that it tends to underfit.
+already regularize a net of this size so hard that it tends to underfit.
 """
 
 from torch import nn
+
 
 def bn_relu(c, dropout):
     layers = [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
@@ -21,16 +22,19 @@ def bn_relu(c, dropout):
 
 
 def conv(c_in, c_out, stride=1, dilation=1, dropout=0.0):
-    """3x3 conv, BN, ReLU; padding keeps the size at stride 1."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, padding=dilation, dilation=dilation,
-                                   bias=False), *bn_relu(c_out, dropout))
+    """3x3 conv, BN, ReLU; the padding keeps the size at stride 1."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride, padding=dilation, dilation=dilation, bias=False),
+        *bn_relu(c_out, dropout))
 
 
 def separable(c_in, c_out, stride=1, dilation=1, dropout=0.0):
-    """Depthwise 3x3 conv (one filter per channel) then pointwise 1x1 conv, BN, ReLU."""
-    return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, padding=dilation, dilation=dilation,
-                                   groups=c_in, bias=False),
-                         nn.Conv2d(c_in, c_out, 1, bias=False), *bn_relu(c_out, dropout))
+    """Depthwise 3x3 conv (one filter per channel), pointwise 1x1 conv, BN, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_in, 3, stride, padding=dilation, dilation=dilation, groups=c_in,
+                  bias=False),
+        nn.Conv2d(c_in, c_out, 1, bias=False),
+        *bn_relu(c_out, dropout))
 
 
 class Residual(nn.Module):
@@ -42,41 +46,44 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
-def block(c_in, c_out, units, dilation, inner_dilation, stride, dropout):
-    """conv to c_out, residual conv, then the conv that strides (or, with stride 1, does not)."""
-    first, second, third = units
-    return nn.Sequential(first(c_in, c_out, dilation=dilation, dropout=dropout),
-                         Residual(second(c_out, c_out, dilation=dilation * inner_dilation,
-                                         dropout=dropout)),
-                         third(c_out, c_out, stride, dilation=dilation, dropout=dropout))
-
-
-# Full 3x3 convs while channels are few, depthwise-separable ones where they are many.
+# Full convs while channels are few, depthwise-separable ones where they are many.
 UNITS = ((conv, conv, conv), (conv, conv, separable), (separable,) * 3, (separable,) * 3)
-WIDTHS = (32, 64, 128, 144)
+
+
+def block(c_in, c_out, units, stride, dilation, inner_dilation, dropout):
+    """A conv to c_out, a residual conv, then the conv that strides (or, at stride 1, does not)."""
+    first, second, third = units
+    return nn.Sequential(
+        first(c_in, c_out, dilation=dilation, dropout=dropout),
+        Residual(second(c_out, c_out, dilation=dilation * inner_dilation, dropout=dropout)),
+        third(c_out, c_out, stride, dilation=dilation, dropout=dropout))
 
 
 class DilatedNet(nn.Module):
-    """``downsample``: 'strided' (32 -> 16 -> 8 -> 4) or 'dilated' (32x32 throughout).
-    ``fc``: GAP then a linear layer, else a 1x1 conv to the classes then GAP."""
+    """``width`` sets the blocks' channels to (1, 2, 4, 4.5) times it: 190k parameters at 32.
+    ``downsample``: 'strided' (32 -> 16 -> 8 -> 4 pixels) or 'dilated' (32x32 throughout).
+    ``fc``: GAP then a linear layer, else a 1x1 conv to the classes then GAP. No softmax."""
 
-    def __init__(self, num_classes=10, widths=WIDTHS, downsample="strided", fc=True, dropout=0.0):
+    def __init__(self, num_classes=10, width=32, downsample="strided", fc=True, dropout=0.0):
         super().__init__()
         if downsample not in ("strided", "dilated"):
             raise ValueError(f"downsample must be 'strided' or 'dilated', not {downsample!r}")
+        widths = (width, 2 * width, 4 * width, 9 * width // 2)
         strided = downsample == "strided"
         blocks, c_in = [], 3
         for i, (c_out, units) in enumerate(zip(widths, UNITS)):
-            last = i == len(widths) - 1
-            stride = 1 if last or not strided else 2
-            dilation = 1 if strided else 2 ** i
-            blocks.append(block(c_in, c_out, units, dilation, 2 if i == 0 else 1, stride, dropout))
+            stride = 2 if strided and i < 3 else 1
+            dilation = 1 if strided else 2**i
+            inner_dilation = 2 if i == 0 else 1
+            blocks.append(block(c_in, c_out, units, stride, dilation, inner_dilation, dropout))
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         if fc:
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Linear(c_in, num_classes))
         else:
-            self.head = nn.Sequential(nn.Conv2d(c_in, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.head = nn.Sequential(nn.Conv2d(c_in, num_classes, 1), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten())
 
     def forward(self, x):
         return self.head(self.blocks(x))

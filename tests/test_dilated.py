@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+from core.models import MODELS, build_model
+from core.models.dilated import DilatedNet
+from core.receptive_field import receptive_field_table
+
+VARIANTS = ["strided", "dilated"]
+
+
+def convs(model):
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("downsample", VARIANTS)
+@pytest.mark.parametrize("fc", [True, False])
+def test_budget_and_output(downsample, fc):
+    model = DilatedNet(downsample=downsample, fc=fc)
+    assert 150_000 < n_params(model) < 200_000
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("downsample", VARIANTS)
+def test_assignment_rules(downsample):
+    model = DilatedNet(downsample=downsample)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    assert any(c.dilation[0] > 1 for c in convs(model))
+    gaps = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    assert len(gaps) == 1 and gaps[0].output_size in (1, (1, 1))
+
+
+@pytest.mark.parametrize("downsample", VARIANTS)
+def test_has_depthwise_separable_conv(downsample):
+    layers = convs(DilatedNet(downsample=downsample))
+    pairs = [(a, b) for a, b in zip(layers, layers[1:])
+             if a.groups == a.in_channels > 1 and a.out_channels == a.in_channels]
+    assert pairs
+    assert all(b.kernel_size == (1, 1) and b.in_channels == a.out_channels and b.groups == 1
+               for a, b in pairs)
+
+
+def test_only_the_strided_variant_downsamples():
+    strided, dilated = DilatedNet(downsample="strided"), DilatedNet(downsample="dilated")
+    assert sum(c.stride[0] == 2 for c in convs(strided)) == 3
+    assert all(c.stride[0] == 1 for c in convs(dilated))
+    assert n_params(strided) == n_params(dilated)
+
+
+@pytest.mark.parametrize("downsample", VARIANTS)
+def test_receptive_field(downsample):
+    rows = receptive_field_table(DilatedNet(downsample=downsample))
+    assert rows[-1]["rout"] > 44 and rows[-2]["rout"] > 44  # with and without GAP
+    assert rows[-1]["layer"].startswith("head")
+
+
+def test_dilation_keeps_the_strided_receptive_fields():
+    strided = receptive_field_table(DilatedNet(downsample="strided"))
+    dilated = receptive_field_table(DilatedNet(downsample="dilated"))
+    assert [r["rout"] for r in strided[:-1]] == [r["rout"] for r in dilated[:-1]]
+
+
+def test_registered_and_trains():
+    assert MODELS["dilated"] is DilatedNet
+    model = build_model("dilated", downsample="dilated", dropout=0.05)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_rejects_unknown_downsample():
+    with pytest.raises(ValueError):
+        DilatedNet(downsample="pooled")
