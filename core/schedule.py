@@ -186,13 +186,13 @@ class Cyclic:
         """The (lrs, momentums) per param group at ``step``, without touching the optimizer."""
         cycle = math.floor(1 + step / self.total_size)
         x = 1.0 + step / self.total_size - cycle  # position inside the cycle, in [0, 1)
-        if x <= self.step_ratio:
-            rise = x / self.step_ratio
+        if x <= self.step_ratio:  # height on the wave: 0 at base_lr, 1 at the peak
+            height = x / self.step_ratio
         else:
-            rise = (x - 1) / (self.step_ratio - 1)
+            height = (x - 1) / (self.step_ratio - 1)
         scale = self._scale(cycle, step)
-        lrs = [lo + (hi - lo) * rise * scale for lo, hi in zip(self.base_lrs, self.max_lrs)]
-        moms = [hi - (hi - lo) * rise * scale
+        lrs = [lo + (hi - lo) * height * scale for lo, hi in zip(self.base_lrs, self.max_lrs)]
+        moms = [hi - (hi - lo) * height * scale
                 for lo, hi in zip(self.base_momentums, self.max_momentums)]
         return lrs, moms
 

@@ -1,0 +1,123 @@
+"""Training throughput of our engine against the assignments' pipeline, same model, same device.
+
+The seeds' pipeline: torchvision ImageFolder + DataLoader with per-sample transforms (crop with
+reflect padding, flip, a fixed 8x8 erase as cutout), in fp32. Ours: uint8 images on the device,
+per-batch tensor augmentation, AMP and channels_last as ``--amp auto`` picks. Both time the same
+optimizer steps after a warm-up, data loading included, and print a table with the ratio.
+
+    python benchmarks/throughput.py --data PATH/cifar10-jpeg --device cpu
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.cli import ArgumentParser, positive_int, run_cli  # noqa: E402
+from core.data import DeviceLoader, channel_stats, load_dataset  # noqa: E402
+from core.device import make_scaler, pick_amp, pick_device  # noqa: E402
+from core.engine import synchronize, train_step  # noqa: E402
+from core.errors import UserError  # noqa: E402
+from core.models import build_model  # noqa: E402
+from core.recipes import RECIPES  # noqa: E402
+
+
+def timed_steps(model, batches, device, amp_dtype, warmup, steps):
+    """Images per second over ``steps`` optimizer steps after ``warmup`` untimed ones."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    scaler = make_scaler(device, amp_dtype)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    images, start = 0, None
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler)
+        if i >= warmup:
+            images += len(y)
+        if i + 1 == warmup + steps:
+            break
+    synchronize(device)
+    return images / (time.perf_counter() - start)
+
+
+def cycle(loader):
+    while True:
+        yield from loader
+
+
+def seed_pipeline(args, name, device, mean, std):
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([
+        transforms.RandomCrop(32, padding=4, padding_mode="reflect"),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+        transforms.RandomErasing(p=1.0, scale=(64 / 1024, 64 / 1024), ratio=(1.0, 1.0), value=0),
+    ])
+    dataset = datasets.ImageFolder(str(Path(args.data) / "train"), tf)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    model = build_model(name).to(device)
+    return timed_steps(model, cycle(loader), device, None, args.warmup, args.steps)
+
+
+def our_pipeline(args, name, device, train, mean, std):
+    amp_dtype = pick_amp(args.amp, device)
+    loader = DeviceLoader(train, device, args.batch_size, mean, std, train=True, augment=RECIPES[name].augment,
+                          order_generator=torch.Generator().manual_seed(0),
+                          aug_generator=torch.Generator(device).manual_seed(1), channels_last=True)
+    model = build_model(name).to(device).to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model)
+    return timed_steps(model, cycle(loader), device, amp_dtype, args.warmup, args.steps), amp_dtype
+
+
+def main(argv=None):
+    p = ArgumentParser(prog="benchmarks/throughput.py", description=__doc__.splitlines()[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="an image-folder root with train/<class>/ (the seeds' ImageFolder needs one)")
+    p.add_argument("--models", nargs="+", default=["resnet"], choices=sorted(RECIPES), help="models to measure")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="our pipeline's AMP")
+    p.add_argument("--compile", action="store_true", help="torch.compile our pipeline's model")
+    p.add_argument("--batch-size", type=positive_int, default=512)
+    p.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps per pipeline")
+    p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the seed pipeline")
+    return run_cli(benchmark, argv, p)
+
+
+def benchmark(args):
+    if not (Path(args.data) / "train").is_dir():
+        raise UserError(f"{args.data} has no train/ folder: the seed pipeline needs an unpacked image folder")
+    device = pick_device(args.device)
+    ds = load_dataset(args.data)
+    mean, std = channel_stats(ds.train.images)
+    rows = []
+    for name in args.models:
+        torch.manual_seed(0)
+        ours, amp_dtype = our_pipeline(args, name, device, ds.train, mean, std)
+        seed = seed_pipeline(args, name, device, mean, std)
+        rows.append((name, seed, ours, amp_dtype))
+        print(f"{name}: seed pipeline {seed:.1f} images/s, ours {ours:.1f} images/s", flush=True)
+    print(f"\ndevice: {device}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"| model | seed pipeline (fp32, DataLoader) img/s | ours img/s | ours AMP | ratio |")
+    print("|---|---|---|---|---|")
+    for name, seed, ours, amp_dtype in rows:
+        amp = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
+        print(f"| {name} | {seed:.1f} | {ours:.1f} | {amp} | {ours / seed:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
