@@ -34,6 +34,10 @@ def positive_float(text):
     return value
 
 
+def lr_or_find(text):
+    return "find" if text == "find" else positive_float(text)
+
+
 def non_negative_float(text):
     value = float(text)
     if value < 0:
@@ -77,12 +81,22 @@ def build_train_parser(recipe):
     g.add_argument("--epochs", type=positive_int, help="number of epochs")
     g.add_argument("--batch-size", type=positive_int, help="training batch size")
     g.add_argument("--eval-batch-size", type=positive_int, default=1024, help="evaluation batch size")
-    g.add_argument("--lr-max", type=positive_float, help="one-cycle peak LR")
+    g.add_argument("--lr-max", type=lr_or_find,
+                   help="one-cycle peak LR, or 'find' to run the LR range test first and use its suggestion")
     g.add_argument("--lr-min", type=positive_float, help="one-cycle start and end LR (no annihilation)")
-    g.add_argument("--max-at-epoch", type=float, help="epoch at which the LR peaks")
+    g.add_argument("--lr-from", default=None, metavar="JSON",
+                   help="take --lr-max and --lr-min from a saved lr_finder.json")
+    g.add_argument("--max-at-epoch", type=positive_float, default=None,
+                   help="epoch at which the LR peaks (default: 5, or 5/24 of --epochs when that is fewer)")
     g.add_argument("--optimizer", choices=["sgd", "adam"], help="SGD with Nesterov momentum, or Adam")
     g.add_argument("--weight-decay", type=non_negative_float, help="L2 weight decay")
     g.add_argument("--label-smoothing", type=non_negative_float, help="label smoothing of the training loss")
+    g.add_argument("--runs", type=positive_int, default=1,
+                   help="train N times with seeds seed..seed+N-1 and report mean, std, min and max accuracy")
+    if recipe.model_flags:
+        g = p.add_argument_group("model")
+        for flag, kwargs in recipe.model_flags:
+            g.add_argument(flag, **kwargs)
     add_device_args(p)
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--out", default=None, metavar="DIR",
@@ -102,3 +116,12 @@ def run_cli(entry, argv, parser):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def train_main(recipe_name, argv=None):
+    """The whole of a train_*.py script: its recipe's flags, then a run."""
+    from .recipes import RECIPES
+    from .trainer import run_training
+
+    recipe = RECIPES[recipe_name]
+    return run_cli(lambda args: run_training(recipe, args), argv, build_train_parser(recipe))

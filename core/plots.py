@@ -72,3 +72,60 @@ def plot_misclassified(images, true, pred, classes, path):
         ax.set_title(f"true: {classes[true[i]]}\npred: {classes[pred[i]]}", fontsize=9)
     fig.suptitle("Misclassified test images")
     _save(fig, path)
+
+
+def plot_range_test(lrs, losses, raw_losses, suggestions, bounds, diverged_at, mode, path):
+    """The range test's loss against LR, suggestions marked and the diverging tail shaded."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    raw = np.asarray([x if x is not None and np.isfinite(x) else np.nan for x in raw_losses], dtype=float)
+    ax.plot(lrs, raw, color="0.75", lw=1, label="raw loss")
+    ax.plot(lrs, losses, color="tab:blue", lw=2, label="smoothed loss")
+    if mode == "exp":
+        ax.set_xscale("log")
+    bottom = int(np.nanargmin(np.where(np.isfinite(losses), losses, np.nan)))
+    ax.axvspan(lrs[bottom], lrs[-1], color="tab:red", alpha=0.08, label="past the minimum: diverging")
+    colours = {"steepest": "tab:green", "valley": "tab:purple", "min_div_10": "tab:brown", "conservative": "tab:orange"}
+    for name, lr in suggestions.items():
+        ax.axvline(lr, color=colours.get(name, "k"), ls="--", lw=1.2, label=f"{name}: {lr:.3g}")
+    ax.axvline(bounds["lr_min"], color="k", ls=":", lw=1.2, label=f"lr_min: {bounds['lr_min']:.3g}")
+    finite = np.asarray(losses, dtype=float)[np.isfinite(losses)]
+    top = min(finite.max(), finite[0] + 1.5 * (finite[0] - finite.min()) + 0.05)  # the tail may shoot off
+    ax.set_ylim(finite.min() - 0.05 * (top - finite.min()), top)
+    stop = f", stopped at step {diverged_at} (diverged)" if diverged_at is not None else ""
+    ax.set(xlabel="learning rate", ylabel="loss",
+           title=f"LR range test: lr_max {bounds['lr_max']:.3g} ({bounds['method']}){stop}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_schedule_examples(out):
+    """The superconvergence assignment's 'draw this curve': a triangular cyclic LR over several
+    cycles, and the ResNet recipe's one-cycle LR with its momentum. Returns the PNG paths."""
+    import torch
+
+    from .schedule import Cyclic, one_cycle_for_recipe, trace
+
+    plt = _pyplot()
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    cyclic = Cyclic(sgd, base_lr=1e-3, max_lr=1e-2, step_size_up=500, mode="triangular", cycle_momentum=False)
+    lrs, _ = trace(cyclic, 4 * 1000 + 1)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(lrs, color="tab:blue")
+    ax.axhline(1e-3, color="0.5", ls=":", lw=1)
+    ax.axhline(1e-2, color="0.5", ls=":", lw=1)
+    ax.text(0, 1e-2, " max_lr", va="bottom", color="0.4")
+    ax.text(0, 1e-3, " base_lr", va="bottom", color="0.4")
+    ax.set(xlabel="iteration", ylabel="learning rate", title="Triangular cyclic LR (step size 500, 4 cycles)")
+    ax.grid(alpha=0.3)
+    paths = [out / "cyclic_lr.png", out / "one_cycle.png"]
+    _save(fig, paths[0])
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9, nesterov=True)
+    steps_per_epoch = 98  # 50,000 images at batch 512
+    one_cycle = one_cycle_for_recipe(sgd, lr_max=0.4, lr_min=0.004, epochs=24, steps_per_epoch=steps_per_epoch,
+                                     max_at_epoch=5)
+    lrs, moms = trace(one_cycle, one_cycle.total_steps)
+    plot_lr_schedule(lrs, moms, steps_per_epoch, paths[1],
+                     title="ResNet recipe: one-cycle, peak at epoch 5 of 24, no annihilation")
+    return paths

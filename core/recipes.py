@@ -1,4 +1,4 @@
-"""What differs between the scripts: the model, its augmentation, and its default hyperparameters.
+"""What differs between the scripts: the model, its flags, its augmentation, its defaults.
 
 Everything else (data, engine, outputs, CLI flags) is shared, so a script is a recipe name.
 """
@@ -8,23 +8,61 @@ from dataclasses import dataclass, field
 from . import augment
 
 
+def receptive_field_report(model):
+    from .receptive_field import format_rf_table, receptive_field_table
+
+    return format_rf_table(receptive_field_table(model))
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str  # model registry key, run-folder prefix, script suffix
     augment: object  # recipe(x, generator, mean, std) on a normalized batch
     description: str
     defaults: dict = field(default_factory=dict)
+    # (flag, argparse keywords): each flag's dest is a keyword of the model's constructor.
+    model_flags: tuple = ()
+    # model -> text printed after the summary and saved as <report_name>.txt
+    report: object = None
+    report_name: str = ""
 
     @property
     def script(self):
         return f"train_{self.name}.py"
+
+    def model_kwargs(self, values):
+        """The model's constructor keywords out of the flags (a dict such as vars(args))."""
+        dests = (flag.lstrip("-").replace("-", "_") for flag, _ in self.model_flags)
+        return {d: values[d] for d in dests}
 
 
 RECIPES = {
     "resnet": Recipe(
         "resnet", augment.resnet_recipe,
         "Train the custom ResNet (Page's ResNet-9 layout) on CIFAR-10 with a one-cycle policy.",
-        dict(epochs=24, batch_size=512, lr_max=0.4, lr_min=0.004, max_at_epoch=5, optimizer="sgd",
+        dict(epochs=24, batch_size=512, lr_max=0.4, lr_min=0.004, optimizer="sgd",
              weight_decay=5e-4, label_smoothing=0.2),
+    ),
+    "dilated": Recipe(
+        "dilated", augment.dilated_recipe,
+        "Train the C1C2C3C4O net (dilated and depthwise-separable convs, no max-pooling, <200k params).",
+        dict(epochs=40, batch_size=256, lr_max=0.2, lr_min=0.002, optimizer="sgd",
+             weight_decay=5e-4, label_smoothing=0.1),
+        model_flags=(
+            ("--downsample", dict(choices=["strided", "dilated"], default="strided",
+                                  help="downsample with stride-2 convs, or keep 32x32 and grow dilations")),
+            ("--width", dict(type=int, default=32, help="channel width of the first block")),
+        ),
+        report=receptive_field_report, report_name="receptive_field",
+    ),
+    "ultimus": Recipe(
+        "ultimus", augment.flip_crop_recipe,
+        "Train the Ultimus attention net (3 convs, GAP, 4 attention blocks) on CIFAR-10.",
+        dict(epochs=24, batch_size=512, lr_max=0.003, lr_min=0.0003, optimizer="adam",
+             weight_decay=0.0, label_smoothing=0.0),
+        model_flags=(
+            ("--residual", dict(action="store_true",
+                                help="variant: a skip connection around each Ultimus block (default: exact architecture)")),
+        ),
     ),
 }

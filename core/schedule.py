@@ -220,3 +220,9 @@ class Cyclic:
     def load_state_dict(self, state):
         self.last_step = int(state["last_step"])
         self._apply()
+
+
+def trace(schedule, steps):
+    """The (lr, momentum) of the first param group at each of ``steps`` steps, for plotting."""
+    values = [schedule.values_at(s) for s in range(steps)]
+    return [lrs[0] for lrs, _ in values], [moms[0] for _, moms in values]

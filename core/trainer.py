@@ -1,6 +1,7 @@
 """A whole training run: data, model, optimizer and schedule from the flags; the epoch loop;
 checkpoints, metrics and figures in the output folder; resume and evaluate-only."""
 
+import json
 import platform
 import sys
 import time
@@ -19,22 +20,27 @@ from .engine import NonFiniteLoss, evaluate, test_line, train_epoch
 from .errors import UserError
 from .models import build_model
 from .outputs import atomic_write_text, write_history_csv, write_json
-from .schedule import one_cycle_for_recipe
+from .range_test import find_bounds, load_bounds
+from .schedule import one_cycle_for_recipe, trace
 from .summary import summary_table
 
 # Flags that say where and how to run, not what to train: on --resume they come from the
 # command line; everything else comes from the checkpoint, so the run continues unchanged.
-RUN_PLACE_FLAGS = {"data", "cache_dir", "out", "device", "no_progress", "resume", "eval_only", "compile"}
+RUN_PLACE_FLAGS = {"data", "cache_dir", "out", "device", "no_progress", "resume", "eval_only", "compile", "runs"}
 MISCLASSIFIED_SHOWN = 20
 
 
 def validate(args):
-    if args.max_at_epoch <= 0 or args.max_at_epoch >= args.epochs:
+    if args.max_at_epoch is None:
+        args.max_at_epoch = min(5.0, args.epochs * 5 / 24)
+    if args.max_at_epoch >= args.epochs:
         raise UserError(f"--max-at-epoch {args.max_at_epoch} must lie strictly between 0 and --epochs {args.epochs}")
-    if args.lr_min >= args.lr_max:
+    if args.lr_max != "find" and args.lr_min >= args.lr_max:
         raise UserError(f"--lr-min {args.lr_min} must be below --lr-max {args.lr_max}")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only needs --resume PATH to the checkpoint to evaluate")
+    if args.runs > 1 and args.resume:
+        raise UserError("--runs repeats whole runs; resume each run's last.pt on its own instead")
 
 
 def plain_args(args):
@@ -96,7 +102,7 @@ def evaluate_only(recipe, args):
     ds = load_data(args, need_train=False)
     if len(ds.classes) != len(ckpt["classes"]):
         raise UserError(f"the checkpoint has {len(ckpt['classes'])} classes but {args.data} has {len(ds.classes)}")
-    model = build_model(recipe.name).to(device)
+    model = build_model(recipe.name, **recipe.model_kwargs(ckpt["args"])).to(device)
     model.load_state_dict(ckpt["model"])
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -112,72 +118,108 @@ def evaluate_only(recipe, args):
     return 0
 
 
+class Setup:
+    """Everything a run or a range test builds from the flags, in one place."""
+
+    def __init__(self, recipe, args):
+        self.device = pick_device(args.device)
+        self.amp_dtype = pick_amp(args.amp, self.device)
+        torch.manual_seed(args.seed)
+        self.order_gen = torch.Generator().manual_seed(args.seed)
+        self.aug_gen = torch.Generator(self.device).manual_seed(args.seed + 1)
+        self.ds = load_data(args, need_train=True)
+        self.train = take(self.ds.train, args.train_subset)
+        self.test = take(self.ds.test, args.test_subset)
+        if len(self.train.labels) < args.batch_size:
+            raise UserError(f"--batch-size {args.batch_size} exceeds the {len(self.train.labels)} training images: "
+                            f"lower it or enlarge --train-subset")
+        self.mean, self.std = channel_stats(self.train.images)
+        self.model = build_model(recipe.name, **recipe.model_kwargs(vars(args))).to(self.device)
+        self.summary, self.params = summary_table(self.model)
+        self.report = recipe.report(self.model) if recipe.report else None
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_loader = DeviceLoader(self.train, self.device, args.batch_size, self.mean, self.std, train=True,
+                                         augment=recipe.augment, order_generator=self.order_gen,
+                                         aug_generator=self.aug_gen, channels_last=args.channels_last)
+        self.test_loader = DeviceLoader(self.test, self.device, args.eval_batch_size, self.mean, self.std,
+                                        train=False, channels_last=args.channels_last)
+        # The LR here is a placeholder: the schedule (or the range test) sets it every step.
+        self.optimizer = make_optimizer(args.optimizer, self.model, 0.0, args.weight_decay)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+    def print_summary(self, recipe, out):
+        print(self.summary)
+        atomic_write_text(out / "summary.txt", self.summary + "\n")
+        if self.report:
+            print(self.report)
+            atomic_write_text(out / f"{recipe.report_name}.txt", self.report + "\n")
+
+
+def resolve_lr_bounds(args, s, out):
+    """Fill in --lr-max/--lr-min from --lr-from or a fresh range test, and say where they came from."""
+    if args.lr_from:
+        args.lr_max, args.lr_min = load_bounds(args.lr_from)
+        args.lr_source = f"lr_from:{args.lr_from}"
+    elif args.lr_max == "find":
+        record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
+                             settings=plain_args(args))
+        args.lr_max, args.lr_min = record["lr_max"], record["lr_min"]
+        args.lr_source = f"range test ({record['method']}), see lr_finder.png"
+    else:
+        args.lr_source = getattr(args, "lr_source", None) or "flags"
+    args.lr_from = None  # resolved: a resumed run must not look for the file again
+    print(f"LR bounds: lr_max {args.lr_max:.4g}, lr_min {args.lr_min:.4g} (from {args.lr_source})")
+
+
 def run_training(recipe, args):
+    validate(args)
     if args.eval_only:
-        validate(args)
         return evaluate_only(recipe, args)
+    if args.runs > 1:
+        return run_many(recipe, args)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, recipe.name)
         args = merge_resume_args(args, ckpt["args"])
         args.out = args.out if args.out is not None else str(Path(args.resume).parent)
-    validate(args)
-    device = pick_device(args.device)
-    amp_dtype = pick_amp(args.amp, device)
-    torch.manual_seed(args.seed)
-    order_gen = torch.Generator().manual_seed(args.seed)
-    aug_gen = torch.Generator(device).manual_seed(args.seed + 1)
-
-    ds = load_data(args, need_train=True)
-    train, test = take(ds.train, args.train_subset), take(ds.test, args.test_subset)
-    if len(train.labels) < args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(train.labels)} training images: "
-                        f"lower it or enlarge --train-subset")
-    mean, std = channel_stats(train.images)
+        validate(args)
+    s = Setup(recipe, args)
     out = Path(args.out or f"runs/{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}")
     args.out = str(out)
     out.mkdir(parents=True, exist_ok=True)
-
-    model = build_model(recipe.name).to(device)
-    table, n_params = summary_table(model)
-    print(table)
-    atomic_write_text(out / "summary.txt", table + "\n")
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    train_loader = DeviceLoader(train, device, args.batch_size, mean, std, train=True, augment=recipe.augment,
-                                order_generator=order_gen, aug_generator=aug_gen, channels_last=args.channels_last)
-    test_loader = DeviceLoader(test, device, args.eval_batch_size, mean, std, train=False,
-                               channels_last=args.channels_last)
-    optimizer = make_optimizer(args.optimizer, model, args.lr_max, args.weight_decay)
-    schedule = one_cycle_for_recipe(optimizer, args.lr_max, args.lr_min, args.epochs, len(train_loader),
+    s.print_summary(recipe, out)
+    resolve_lr_bounds(args, s, out)
+    model, optimizer, device, amp_dtype = s.model, s.optimizer, s.device, s.amp_dtype
+    schedule = one_cycle_for_recipe(optimizer, args.lr_max, args.lr_min, args.epochs, len(s.train_loader),
                                     args.max_at_epoch)
     scaler = make_scaler(device, amp_dtype)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     state = {"epoch": 0, "history": [], "best_test_acc": 0.0, "train_seconds": 0.0, "train_images": 0}
 
     def checkpoint():
         return {"model_name": recipe.name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rng_state(order_gen, aug_gen), "args": plain_args(args), "mean": mean, "std": std,
-                "classes": list(ds.classes), **state}
+                "rng": rng_state(s.order_gen, s.aug_gen), "args": plain_args(args), "mean": s.mean, "std": s.std,
+                "classes": list(s.ds.classes), **state}
 
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"], order_gen, aug_gen)
+        set_rng_state(ckpt["rng"], s.order_gen, s.aug_gen)
         state.update({k: ckpt[k] for k in state})
         print(f"Resuming {args.resume} after epoch {state['epoch']} of {args.epochs}")
     else:
         save_checkpoint(out / "last.pt", checkpoint())
 
     step_model = torch.compile(model) if args.compile else model
-    info = {"model": recipe.name, "params": n_params, "device": describe_device(device),
-            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-            "lr_max": args.lr_max, "lr_min": args.lr_min, "epochs": args.epochs, "batch_size": args.batch_size,
-            "train_images": len(train.labels), "test_images": len(test.labels), "seed": args.seed,
-            "command": " ".join([recipe.script, *sys.argv[1:]])}
+    info = {"model": recipe.name, **recipe.model_kwargs(vars(args)), "params": s.params,
+            "device": describe_device(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+            "lr_max": args.lr_max, "lr_min": args.lr_min, "lr_source": args.lr_source, "epochs": args.epochs,
+            "batch_size": args.batch_size, "optimizer": args.optimizer, "train_images": len(s.train.labels),
+            "test_images": len(s.test.labels), "seed": args.seed,
+            "command": " ".join(["python", recipe.script, *sys.argv[1:]])}
     print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / "
           f"{info['test_images']} test images, output in {out}")
     try:
@@ -185,9 +227,9 @@ def run_training(recipe, args):
             lr = optimizer.param_groups[0]["lr"]
             print(f"EPOCH: {epoch} (LR: {lr})")
             epoch_start = time.perf_counter()
-            tr = train_epoch(step_model, train_loader, optimizer, schedule, loss_fn, device, amp_dtype, scaler,
+            tr = train_epoch(step_model, s.train_loader, optimizer, schedule, s.loss_fn, device, amp_dtype, scaler,
                              progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}")
-            ev = evaluate(step_model, test_loader, device, amp_dtype)
+            ev = evaluate(step_model, s.test_loader, device, amp_dtype)
             print(test_line(ev))
             if args.no_progress or not sys.stderr.isatty():
                 print(f"  train: loss {tr['loss']:.4f}, accuracy {tr['acc']:.2f}%, {tr['seconds']:.1f}s")
@@ -210,10 +252,34 @@ def run_training(recipe, args):
         print(f"\nInterrupted. {out / 'last.pt'} holds the state after epoch {state['epoch']}; resume with:\n"
               f"  python {recipe.script} --resume {out / 'last.pt'}", file=sys.stderr)
         return 130
-    finish(out, state, schedule, len(train_loader), optimizer, step_model, test_loader, test, ds.classes,
+    finish(out, state, schedule, len(s.train_loader), optimizer, step_model, s.test_loader, s.test, s.ds.classes,
            device, amp_dtype)
     print(f"Best test accuracy {state['best_test_acc']:.2f}%, final {state['history'][-1]['test_acc']:.2f}%; "
           f"outputs in {out}")
+    return 0
+
+
+def run_many(recipe, args):
+    """--runs N: N independent runs with consecutive seeds, and the spread of their accuracy."""
+    base = Path(args.out or f"runs/{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    finals, bests = [], []
+    for i in range(args.runs):
+        run_args = type(args)(**{**vars(args), "runs": 1, "seed": args.seed + i, "out": str(base / f"seed{args.seed + i}")})
+        print(f"=== run {i + 1}/{args.runs}, seed {run_args.seed} ===")
+        code = run_training(recipe, run_args)
+        if code:
+            return code
+        with open(Path(run_args.out) / "metrics.json") as f:
+            m = json.load(f)
+        finals.append(m["final_test_acc"])
+        bests.append(m["best_test_acc"])
+    a = np.asarray(finals)
+    summary = {"runs": args.runs, "seeds": list(range(args.seed, args.seed + args.runs)), "final_test_acc": finals,
+               "best_test_acc": bests, "mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+               "min": float(a.min()), "max": float(a.max())}
+    write_json(base / "runs.json", summary)
+    print(f"Final test accuracy over {args.runs} runs: {summary['mean']:.2f} ± {summary['std']:.2f}% "
+          f"(min {summary['min']:.2f}, max {summary['max']:.2f}); {base / 'runs.json'}")
     return 0
 
 
@@ -229,10 +295,9 @@ def write_metrics(out, info, state):
 def finish(out, state, schedule, steps_per_epoch, optimizer, model, test_loader, test, classes, device, amp_dtype):
     """Figures users look at: curves, the schedule actually used, and what the model gets wrong."""
     plots.plot_curves(state["history"], out / "curves.png")
-    values = [schedule.values_at(s) for s in range(schedule.total_steps)]
+    lrs, moms = trace(schedule, schedule.total_steps)
     label = "beta1" if "betas" in optimizer.defaults else "momentum"
-    plots.plot_lr_schedule([v[0][0] for v in values], [v[1][0] for v in values], steps_per_epoch,
-                           out / "lr_schedule.png", momentum_label=label)
+    plots.plot_lr_schedule(lrs, moms, steps_per_epoch, out / "lr_schedule.png", momentum_label=label)
     preds = evaluate(model, test_loader, device, amp_dtype, keep_predictions=True)["predictions"].numpy()
     wrong = np.flatnonzero(preds != test.labels)
     wrong = wrong[np.linspace(0, len(wrong) - 1, min(len(wrong), MISCLASSIFIED_SHOWN)).astype(int)]  # spread over classes

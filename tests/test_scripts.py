@@ -1,0 +1,108 @@
+"""lr_range_test.py, --lr-max find / --lr-from, --runs, and the dilated and Ultimus scripts, end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lr_range_test
+import train_dilated
+import train_resnet
+import train_ultimus
+from tests.conftest import write_batches
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=200, n_test=100)
+
+
+def common(data, out):
+    return ["--data", str(data), "--out", str(out), "--device", "cpu", "--cache-dir", "none", "--no-progress"]
+
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_range_test_cli_writes_a_geometric_sweep_and_bounds(data, tmp_path, capsys):
+    args = ["--model", "resnet", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "12",
+            "--start-lr", "1e-5", "--end-lr", "10"]
+    assert lr_range_test.main(args) == 0
+    record = read(tmp_path / "lr_finder.json")
+    lrs = np.asarray(record["lrs"])
+    assert lrs[0] == pytest.approx(1e-5)
+    ratios = lrs[1:] / lrs[:-1]
+    assert np.allclose(ratios, (10 / 1e-5) ** (1 / 11)), "geometric from start_lr, reaching end_lr at step 12"
+    assert {"losses", "raw_losses", "lr_max", "lr_min", "method", "args", "suggestions"} <= set(record)
+    assert 0 < record["lr_min"] < record["lr_max"] <= lrs[int(np.argmin(record["losses"]))]
+    assert (tmp_path / "lr_finder.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "python train_resnet.py --lr-max" in printed and "--lr-from" in printed
+
+
+def test_range_test_refuses_an_empty_sweep(capsys):
+    assert lr_range_test.main(["--start-lr", "1", "--end-lr", "0.1"]) == 1
+    assert "must be below --end-lr" in capsys.readouterr().err
+
+
+def test_plot_schedules_draws_both_curves(tmp_path):
+    assert lr_range_test.main(["--plot-schedules", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "cyclic_lr.png").stat().st_size > 10_000
+    assert (tmp_path / "one_cycle.png").stat().st_size > 10_000
+
+
+def test_lr_max_find_trains_with_the_suggestion(data, tmp_path):
+    args = [*common(data, tmp_path), "--epochs", "1", "--batch-size", "50", "--lr-max", "find"]
+    assert train_resnet.main(args) == 0
+    found, metrics = read(tmp_path / "lr_finder.json"), read(tmp_path / "metrics.json")
+    assert metrics["lr_max"] == found["lr_max"] and metrics["lr_min"] == found["lr_min"]
+    assert metrics["lr_source"].startswith("range test")
+
+
+def test_lr_from_reuses_a_saved_test(data, tmp_path):
+    saved = tmp_path / "lr_finder.json"
+    saved.write_text(json.dumps({"lr_max": 0.02, "lr_min": 0.002}))
+    args = [*common(data, tmp_path / "run"), "--epochs", "1", "--batch-size", "50", "--lr-from", str(saved)]
+    assert train_resnet.main(args) == 0
+    metrics = read(tmp_path / "run" / "metrics.json")
+    assert (metrics["lr_max"], metrics["lr_min"]) == (0.02, 0.002)
+
+
+def test_lr_from_a_file_that_is_not_a_range_test(data, tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    assert train_resnet.main([*common(data, tmp_path / "run"), "--lr-from", str(bad)]) == 1
+    assert "is not an lr_finder.json" in capsys.readouterr().err
+
+
+def test_runs_reports_the_spread_over_seeds(data, tmp_path, capsys):
+    args = [*common(data, tmp_path), "--epochs", "1", "--batch-size", "50", "--runs", "2", "--seed", "3"]
+    assert train_ultimus.main(args) == 0
+    summary = read(tmp_path / "runs.json")
+    assert summary["seeds"] == [3, 4] and len(summary["final_test_acc"]) == 2
+    assert summary["mean"] == pytest.approx(np.mean(summary["final_test_acc"]))
+    assert summary["std"] == pytest.approx(np.std(summary["final_test_acc"], ddof=1))
+    assert read(tmp_path / "seed4" / "metrics.json")["seed"] == 4
+    assert "± " in capsys.readouterr().out
+
+
+def test_dilated_script_prints_the_receptive_field(data, tmp_path, capsys):
+    assert train_dilated.main([*common(data, tmp_path), "--epochs", "1", "--batch-size", "50"]) == 0
+    out = capsys.readouterr().out
+    rf = int(out.split("Receptive field: ")[1].split()[0])
+    assert rf > 44 and "nin" in out and "rout" in out
+    assert (tmp_path / "receptive_field.txt").read_text().strip().endswith(f"Receptive field: {rf}")
+    metrics = read(tmp_path / "metrics.json")
+    assert metrics["params"] < 200_000 and metrics["downsample"] == "strided"
+
+
+def test_ultimus_exact_and_residual_variants_train(data, tmp_path):
+    assert train_ultimus.main([*common(data, tmp_path / "exact"), "--epochs", "1", "--batch-size", "50"]) == 0
+    assert train_ultimus.main([*common(data, tmp_path / "res"), "--epochs", "1", "--batch-size", "50",
+                               "--residual"]) == 0
+    exact, residual = read(tmp_path / "exact" / "metrics.json"), read(tmp_path / "res" / "metrics.json")
+    assert exact["params"] == residual["params"] == 25_786
+    assert exact["residual"] is False and residual["residual"] is True
+    assert exact["optimizer"] == "adam"
