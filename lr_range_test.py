@@ -7,7 +7,6 @@ Writes lr_finder.json and lr_finder.png to --out, prints the suggestions and the
 that uses them. The model and data pipeline are the train script's own.
 """
 
-import argparse
 import shlex
 import sys
 from datetime import datetime
@@ -20,8 +19,7 @@ from core.recipes import RECIPES
 
 
 def parser():
-    p = ArgumentParser(prog="lr_range_test.py", description=__doc__.splitlines()[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="lr_range_test.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(RECIPES), default="resnet", help="which train script's model")
     add_data_args(p)
     g = p.add_argument_group("range test")

@@ -8,7 +8,6 @@ optimizer steps after a warm-up, data loading included, and print a table with t
     python benchmarks/throughput.py --data PATH/cifar10-jpeg --device cpu
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -83,8 +82,7 @@ def our_pipeline(args, name, device, train, mean, std):
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="benchmarks/throughput.py", description=__doc__.splitlines()[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="benchmarks/throughput.py", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="an image-folder root with train/<class>/ (the seeds' ImageFolder needs one)")
     p.add_argument("--models", nargs="+", default=["resnet"], choices=sorted(RECIPES), help="models to measure")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])

@@ -10,8 +10,22 @@ from .errors import UserError
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with single-line errors, like the rest of the toolkit's messages."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already explains it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False):
+            return text
+        return super()._get_help_string(action)
 
 
 def positive_int(text):
@@ -67,15 +81,14 @@ def add_device_args(p):
                    help="mixed precision; auto: bf16 on recent GPUs and AMX/AVX512-BF16 CPUs, "
                         "fp16 with loss scaling on older GPUs (T4), else fp32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory layout, faster for convs with AMP (default: on)")
+                   help="NHWC memory layout, faster for convs with AMP")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of tqdm bars")
 
 
 def build_train_parser(recipe):
-    p = ArgumentParser(prog=recipe.script, description=recipe.description,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog=recipe.script, description=recipe.description)
     add_data_args(p)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, help="number of epochs")
@@ -116,6 +129,9 @@ def run_cli(entry, argv, parser):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the epoch loop, which handles its own
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 def train_main(recipe_name, argv=None):

@@ -23,7 +23,37 @@ def _per_group(name, value, groups):
     return [float(value)] * len(groups)
 
 
-class OneCycle:
+class StepSchedule:
+    """What every per-batch schedule shares: write ``values_at(last_step)`` into the optimizer
+    (LR, and momentum or Adam's beta1 when cycled), step, and save or restore the position."""
+
+    def _apply(self):
+        lrs, moms = self.values_at(self.last_step)
+        for group, lr, mom in zip(self.optimizer.param_groups, lrs, moms):
+            group["lr"] = lr
+            if self.cycle_momentum:
+                if self.use_beta1:
+                    group["betas"] = (mom, *group["betas"][1:])
+                else:
+                    group["momentum"] = mom
+        self._last_lr = lrs
+
+    def step(self):
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self):
+        return list(self._last_lr)
+
+    def state_dict(self):
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state):
+        self.last_step = int(state["last_step"])
+        self._apply()
+
+
+class OneCycle(StepSchedule):
     """Leslie Smith's one-cycle policy: warm up to ``max_lr``, then anneal to ``max_lr/div/final_div``.
 
     Momentum (SGD) or beta1 (Adam) moves opposite to the LR when ``cycle_momentum`` is set:
@@ -92,32 +122,6 @@ class OneCycle:
                 start = end
         return lrs, moms
 
-    def _apply(self):
-        lrs, moms = self.values_at(self.last_step)
-        for group, lr, mom in zip(self.optimizer.param_groups, lrs, moms):
-            group["lr"] = lr
-            if self.cycle_momentum:
-                if self.use_beta1:
-                    group["betas"] = (mom, *group["betas"][1:])
-                else:
-                    group["momentum"] = mom
-        self._last_lr = lrs
-
-    def step(self):
-        self.last_step += 1
-        self._apply()
-
-    def get_last_lr(self):
-        return list(self._last_lr)
-
-    def state_dict(self):
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, state):
-        self.last_step = int(state["last_step"])
-        self._apply()
-
-
 def one_cycle_for_recipe(optimizer, lr_max, lr_min, epochs, steps_per_epoch, max_at_epoch):
     """The assignments' one-cycle: linear up from lr_min to lr_max at ``max_at_epoch``, then
     linearly back down to lr_min at the end (no annihilation below lr_min)."""
@@ -126,7 +130,7 @@ def one_cycle_for_recipe(optimizer, lr_max, lr_min, epochs, steps_per_epoch, max
                     anneal_strategy="linear", div_factor=lr_max / lr_min, final_div_factor=1.0)
 
 
-class Cyclic:
+class Cyclic(StepSchedule):
     """Smith's cyclical learning rates: triangle waves between ``base_lr`` and ``max_lr``.
 
     Follows ``torch.optim.lr_scheduler.CyclicLR`` step for step for its three built-in modes.
@@ -196,30 +200,6 @@ class Cyclic:
                 for lo, hi in zip(self.base_momentums, self.max_momentums)]
         return lrs, moms
 
-    def _apply(self):
-        lrs, moms = self.values_at(self.last_step)
-        for group, lr, mom in zip(self.optimizer.param_groups, lrs, moms):
-            group["lr"] = lr
-            if self.cycle_momentum:
-                if self.use_beta1:
-                    group["betas"] = (mom, *group["betas"][1:])
-                else:
-                    group["momentum"] = mom
-        self._last_lr = lrs
-
-    def step(self):
-        self.last_step += 1
-        self._apply()
-
-    def get_last_lr(self):
-        return list(self._last_lr)
-
-    def state_dict(self):
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, state):
-        self.last_step = int(state["last_step"])
-        self._apply()
 
 
 def trace(schedule, steps):

@@ -1,0 +1,54 @@
+"""Device and AMP selection, including the CUDA branches, which run here with torch.cuda mocked."""
+
+import pytest
+import torch
+
+from core import device as dev
+from core.errors import UserError
+
+
+def test_auto_amp_on_cuda_prefers_bf16_and_falls_back_to_fp16(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert dev.pick_amp("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4
+    assert dev.pick_amp("auto", cuda) is torch.float16
+
+
+def test_auto_amp_on_cpu_follows_the_bf16_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: True)
+    assert dev.pick_amp("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: False)
+    assert dev.pick_amp("auto", cpu) is None
+    assert dev.pick_amp("off", cpu) is None and dev.pick_amp("bf16", cpu) is torch.bfloat16
+    with pytest.raises(UserError, match="fp16 is for GPUs"):
+        dev.pick_amp("fp16", cpu)
+
+
+def test_only_fp16_gets_an_active_grad_scaler():
+    assert not dev.make_scaler(torch.device("cpu"), torch.bfloat16).is_enabled()
+    assert not dev.make_scaler(torch.device("cpu"), None).is_enabled()
+
+
+def test_auto_device_order(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dev.pick_device("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert dev.pick_device("auto").type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert dev.pick_device("auto").type == "cpu"
+
+
+def test_asking_for_a_missing_gpu_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        dev.pick_device("cuda")
+
+
+def test_autocast_is_a_no_op_in_fp32():
+    with dev.autocast(torch.device("cpu"), None):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with dev.autocast(torch.device("cpu"), torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16

@@ -1,0 +1,61 @@
+"""The custom ResNet as the seeds specify it, and the torchsummary-style table."""
+
+import torch
+from torch import nn
+
+from core.models import build_model
+from core.models.resnet import CustomResNet, ResBlock
+from core.summary import summary_table
+
+
+def test_resnet_has_the_seed_parameter_count_and_bias_free_convs():
+    model = build_model("resnet")
+    assert sum(p.numel() for p in model.parameters()) == 6_573_130
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 8 and all(c.bias is None for c in convs)
+    assert [c.out_channels for c in convs] == [64, 128, 128, 128, 256, 512, 512, 512]
+    assert sum(isinstance(m, ResBlock) for m in model.modules()) == 2
+
+
+def test_resnet_shapes_through_each_layer():
+    model = CustomResNet().eval()
+    x = torch.randn(3, 3, 32, 32)
+    shapes = []
+    for layer in (model.prep, model.layer1, model.layer2, model.layer3, model.pool):
+        x = layer(x)
+        shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 1, 1)]
+    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_downsampling_order_is_conv_pool_bn_relu():
+    layer = CustomResNet().layer2
+    assert [type(m).__name__ for m in layer] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]
+
+
+def test_resblock_adds_its_input():
+    block = ResBlock(8).eval()
+    x = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(block(x), x + block.res(x))
+
+
+def test_logits_are_scaled_and_not_softmaxed():
+    model = CustomResNet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.flatten(model.pool(model.layer3(model.layer2(model.layer1(model.prep(x))))))
+        torch.testing.assert_close(model(x), model.fc(features) * 0.125)
+        assert not torch.allclose(model(x).exp().sum(1), torch.ones(2))
+
+
+def test_summary_table_rows_totals_and_untouched_bn_statistics():
+    model = CustomResNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table, total = summary_table(model)
+    assert total == 6_573_130 and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    lines = table.splitlines()
+    assert any(line.split()[:3] == ["Conv2d-1", "[-1,", "64,"] and line.endswith("1,728") for line in lines)
+    assert any(line.strip().startswith("ResBlock-") for line in lines)
+    assert not any("Sequential" in line for line in lines)
+    assert "Total params: 6,573,130" in table and "Params size (MB): 25.07" in table
