@@ -70,15 +70,27 @@ def seed_pipeline(args, name, device, mean, std):
     return timed_steps(model, cycle(loader), device, None, args.warmup, args.steps)
 
 
-def our_pipeline(args, name, device, train, mean, std):
-    amp_dtype = pick_amp(args.amp, device)
+def our_pipeline(args, name, device, train, mean, std, amp, channels_last, compile_model):
+    amp_dtype = pick_amp(amp, device)
     loader = DeviceLoader(train, device, args.batch_size, mean, std, train=True, augment=RECIPES[name].augment,
                           order_generator=torch.Generator().manual_seed(0),
-                          aug_generator=torch.Generator(device).manual_seed(1), channels_last=True)
-    model = build_model(name).to(device).to(memory_format=torch.channels_last)
-    if args.compile:
+                          aug_generator=torch.Generator(device).manual_seed(1), channels_last=channels_last)
+    model = build_model(name).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_model:
         model = torch.compile(model)
     return timed_steps(model, cycle(loader), device, amp_dtype, args.warmup, args.steps), amp_dtype
+
+
+# Our pipeline with one optimization taken away (or added) at a time, for --ablate.
+VARIANTS = {
+    "ours": dict(amp="auto", channels_last=True, compile_model=False),
+    "ours, no channels_last": dict(amp="auto", channels_last=False, compile_model=False),
+    "ours, fp32": dict(amp="off", channels_last=True, compile_model=False),
+    "ours, fp32, no channels_last": dict(amp="off", channels_last=False, compile_model=False),
+    "ours + torch.compile": dict(amp="auto", channels_last=True, compile_model=True),
+}
 
 
 def main(argv=None):
@@ -86,8 +98,8 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="an image-folder root with train/<class>/ (the seeds' ImageFolder needs one)")
     p.add_argument("--models", nargs="+", default=["resnet"], choices=sorted(RECIPES), help="models to measure")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="our pipeline's AMP")
-    p.add_argument("--compile", action="store_true", help="torch.compile our pipeline's model")
+    p.add_argument("--ablate", action="store_true",
+                   help="also measure ours without channels_last, in fp32, and with torch.compile")
     p.add_argument("--batch-size", type=positive_int, default=512)
     p.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps per pipeline")
     p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first")
@@ -101,19 +113,22 @@ def benchmark(args):
     device = pick_device(args.device)
     ds = load_dataset(args.data)
     mean, std = channel_stats(ds.train.images)
+    variants = list(VARIANTS) if args.ablate else ["ours"]
     rows = []
     for name in args.models:
         torch.manual_seed(0)
-        ours, amp_dtype = our_pipeline(args, name, device, ds.train, mean, std)
         seed = seed_pipeline(args, name, device, mean, std)
-        rows.append((name, seed, ours, amp_dtype))
-        print(f"{name}: seed pipeline {seed:.1f} images/s, ours {ours:.1f} images/s", flush=True)
+        print(f"{name}: seed pipeline {seed:.1f} images/s", flush=True)
+        for variant in variants:
+            ours, amp_dtype = our_pipeline(args, name, device, ds.train, mean, std, **VARIANTS[variant])
+            rows.append((name, variant, seed, ours, amp_dtype))
+            print(f"{name}: {variant} {ours:.1f} images/s", flush=True)
     print(f"\ndevice: {device}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
-    print(f"| model | seed pipeline (fp32, DataLoader) img/s | ours img/s | ours AMP | ratio |")
-    print("|---|---|---|---|---|")
-    for name, seed, ours, amp_dtype in rows:
+    print("| model | pipeline | AMP | images/s | seed pipeline (fp32, DataLoader) images/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, variant, seed, ours, amp_dtype in rows:
         amp = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
-        print(f"| {name} | {seed:.1f} | {ours:.1f} | {amp} | {ours / seed:.2f}x |")
+        print(f"| {name} | {variant} | {amp} | {ours:.1f} | {seed:.1f} | {ours / seed:.2f}x |")
     return 0
 
 

@@ -117,6 +117,8 @@ def build_train_parser(recipe):
     g.add_argument("--resume", default=None, metavar="PATH", help="continue from a last.pt or best.pt")
     g.add_argument("--eval-only", action="store_true",
                    help="with --resume: evaluate the checkpoint on --data's test split and write eval.json")
+    g.add_argument("--tta", action="store_true",
+                   help="evaluate on each test image and its mirror image, averaging the logits")
     p.set_defaults(**recipe.defaults)
     return p
 

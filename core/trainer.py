@@ -109,12 +109,13 @@ def evaluate_only(recipe, args):
     test = take(ds.test, args.test_subset)
     loader = DeviceLoader(test, device, args.eval_batch_size, ckpt["mean"], ckpt["std"], train=False,
                           channels_last=args.channels_last)
-    result = evaluate(model, loader, device, amp_dtype)
+    result = evaluate(model, loader, device, amp_dtype, tta=args.tta)
     print(test_line(result))
     out = Path(args.out) if args.out else Path(args.resume).parent
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": args.data, "test_acc": result["acc"],
-                                   "test_loss": result["loss"], "correct": result["correct"], "total": result["total"]})
+                                   "test_loss": result["loss"], "correct": result["correct"], "total": result["total"],
+                                   "tta": args.tta})
     return 0
 
 
@@ -229,7 +230,7 @@ def run_training(recipe, args):
             epoch_start = time.perf_counter()
             tr = train_epoch(step_model, s.train_loader, optimizer, schedule, s.loss_fn, device, amp_dtype, scaler,
                              progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}")
-            ev = evaluate(step_model, s.test_loader, device, amp_dtype)
+            ev = evaluate(step_model, s.test_loader, device, amp_dtype, tta=args.tta)
             print(test_line(ev))
             if args.no_progress or not sys.stderr.isatty():
                 print(f"  train: loss {tr['loss']:.4f}, accuracy {tr['acc']:.2f}%, {tr['seconds']:.1f}s")
@@ -253,7 +254,7 @@ def run_training(recipe, args):
               f"  python {recipe.script} --resume {out / 'last.pt'}", file=sys.stderr)
         return 130
     finish(out, state, schedule, len(s.train_loader), optimizer, step_model, s.test_loader, s.test, s.ds.classes,
-           device, amp_dtype)
+           device, amp_dtype, args.tta)
     print(f"Best test accuracy {state['best_test_acc']:.2f}%, final {state['history'][-1]['test_acc']:.2f}%; "
           f"outputs in {out}")
     return 0
@@ -292,13 +293,14 @@ def write_metrics(out, info, state):
     write_history_csv(out / "metrics.csv", history)
 
 
-def finish(out, state, schedule, steps_per_epoch, optimizer, model, test_loader, test, classes, device, amp_dtype):
+def finish(out, state, schedule, steps_per_epoch, optimizer, model, test_loader, test, classes, device, amp_dtype,
+           tta):
     """Figures users look at: curves, the schedule actually used, and what the model gets wrong."""
     plots.plot_curves(state["history"], out / "curves.png")
     lrs, moms = trace(schedule, schedule.total_steps)
     label = "beta1" if "betas" in optimizer.defaults else "momentum"
     plots.plot_lr_schedule(lrs, moms, steps_per_epoch, out / "lr_schedule.png", momentum_label=label)
-    preds = evaluate(model, test_loader, device, amp_dtype, keep_predictions=True)["predictions"].numpy()
+    preds = evaluate(model, test_loader, device, amp_dtype, keep_predictions=True, tta=tta)["predictions"].numpy()
     wrong = np.flatnonzero(preds != test.labels)
     wrong = wrong[np.linspace(0, len(wrong) - 1, min(len(wrong), MISCLASSIFIED_SHOWN)).astype(int)]  # spread over classes
     plots.plot_misclassified(test.images[wrong], test.labels[wrong], preds[wrong], classes, out / "misclassified.png")
