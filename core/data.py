@@ -132,7 +132,7 @@ def _from_image_files(files, read, where, need_train):
         images, labels = [], []
         for label, cls in enumerate(classes):
             for name in sorted(per_class[cls]):
-                images.append(_decode_image(read(name), name))
+                images.append(_decode_image(read(name), f"{where}/{name}"))
                 labels.append(label)
         return _stack(images, labels)
 
@@ -204,7 +204,8 @@ def _load_archive(path, need_train):
                 raise UserError(f"{path} holds several image-folder roots; pack only one")
             return _from_image_files(files, read, str(path), need_train)
     except (tarfile.TarError, EOFError, OSError, KeyError) as exc:
-        raise UserError(f"{path} is not a readable tar archive ({exc.__class__.__name__}: {exc}); "
+        reason = (str(exc).splitlines() or [""])[0].rstrip(":")  # tarfile's messages run over several lines
+        raise UserError(f"{path} is not a readable tar archive ({exc.__class__.__name__}: {reason}); "
                         f"re-download or re-pack it") from None
 
 

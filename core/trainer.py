@@ -128,7 +128,9 @@ class Setup:
         torch.manual_seed(args.seed)
         self.order_gen = torch.Generator().manual_seed(args.seed)
         self.aug_gen = torch.Generator(self.device).manual_seed(args.seed + 1)
+        start = time.perf_counter()
         self.ds = load_data(args, need_train=True)
+        self.data_load_s = time.perf_counter() - start
         self.train = take(self.ds.train, args.train_subset)
         self.test = take(self.ds.test, args.test_subset)
         if len(self.train.labels) < args.batch_size:
@@ -195,7 +197,9 @@ def run_training(recipe, args):
     schedule = one_cycle_for_recipe(optimizer, args.lr_max, args.lr_min, args.epochs, len(s.train_loader),
                                     args.max_at_epoch)
     scaler = make_scaler(device, amp_dtype)
-    state = {"epoch": 0, "history": [], "best_test_acc": 0.0, "train_seconds": 0.0, "train_images": 0}
+    # Seconds are summed over the processes of a resumed run; each process has its own warm-up.
+    state = {"epoch": 0, "history": [], "best_test_acc": 0.0, "train_seconds": 0.0, "train_images": 0,
+             "warmup_seconds": 0.0, "eval_seconds": 0.0}
 
     def checkpoint():
         return {"model_name": recipe.name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -209,7 +213,7 @@ def run_training(recipe, args):
         schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], s.order_gen, s.aug_gen)
-        state.update({k: ckpt[k] for k in state})
+        state.update({k: ckpt[k] for k in state if k in ckpt})
         print(f"Resuming {args.resume} after epoch {state['epoch']} of {args.epochs}")
     else:
         save_checkpoint(out / "last.pt", checkpoint())
@@ -219,7 +223,7 @@ def run_training(recipe, args):
             "device": describe_device(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "lr_max": args.lr_max, "lr_min": args.lr_min, "lr_source": args.lr_source, "epochs": args.epochs,
             "batch_size": args.batch_size, "optimizer": args.optimizer, "train_images": len(s.train.labels),
-            "test_images": len(s.test.labels), "seed": args.seed,
+            "test_images": len(s.test.labels), "seed": args.seed, "data_load_s": s.data_load_s,
             "command": " ".join(["python", recipe.script, *sys.argv[1:]])}
     print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / "
           f"{info['test_images']} test images, output in {out}")
@@ -230,12 +234,17 @@ def run_training(recipe, args):
             epoch_start = time.perf_counter()
             tr = train_epoch(step_model, s.train_loader, optimizer, schedule, s.loss_fn, device, amp_dtype, scaler,
                              progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}")
+            eval_start = time.perf_counter()
             ev = evaluate(step_model, s.test_loader, device, amp_dtype, tta=args.tta)
+            state["eval_seconds"] += time.perf_counter() - eval_start
             print(test_line(ev))
             if args.no_progress or not sys.stderr.isatty():
                 print(f"  train: loss {tr['loss']:.4f}, accuracy {tr['acc']:.2f}%, {tr['seconds']:.1f}s")
-            state["train_seconds"] += tr["seconds"] - tr["first_step_s"]
-            state["train_images"] += tr["images"] - (args.batch_size if epoch == state["epoch"] + 1 else 0)
+            first_epoch_here = epoch == state["epoch"] + 1  # of this process: its first step warms up
+            warmup = tr["first_step_s"] if first_epoch_here else 0.0
+            state["warmup_seconds"] += warmup
+            state["train_seconds"] += tr["seconds"] - warmup
+            state["train_images"] += tr["images"] - (args.batch_size if first_epoch_here else 0)
             state["history"].append({"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
                                      "test_loss": ev["loss"], "test_acc": ev["acc"],
                                      "epoch_time_s": time.perf_counter() - epoch_start})
@@ -287,9 +296,11 @@ def run_many(recipe, args):
 def write_metrics(out, info, state):
     history = state["history"]
     per_s = state["train_images"] / state["train_seconds"] if state["train_seconds"] > 0 else None
+    timing = {"data_load_s": info["data_load_s"], "warmup_s": state["warmup_seconds"],
+              "train_s": state["train_seconds"], "eval_s": state["eval_seconds"]}
     write_json(out / "metrics.json", {**info, "best_test_acc": state["best_test_acc"],
                                       "final_test_acc": history[-1]["test_acc"] if history else None,
-                                      "train_images_per_s": per_s, "history": history})
+                                      "train_images_per_s": per_s, "timing": timing, "history": history})
     write_history_csv(out / "metrics.csv", history)
 
 
