@@ -99,7 +99,7 @@ def evaluate(model, loader, device, amp_dtype, keep_predictions=False, tta=False
     return result
 
 
-def test_line(result):
+def format_test_line(result):
     """The line users know from the assignments' logs."""
     return (f"Test set: Average loss: {result['loss']:.4f}, "
             f"Accuracy: {result['correct']}/{result['total']} ({result['acc']:.2f}%)")

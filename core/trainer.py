@@ -16,7 +16,7 @@ from . import plots
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEFAULT_CACHE, DeviceLoader, Split, balanced_subset, channel_stats, load_dataset
 from .device import make_scaler, pick_amp, pick_device
-from .engine import NonFiniteLoss, evaluate, test_line, train_epoch
+from .engine import NonFiniteLoss, evaluate, format_test_line, train_epoch
 from .errors import UserError
 from .models import build_model
 from .outputs import atomic_write_text, write_history_csv, write_json
@@ -110,7 +110,7 @@ def evaluate_only(recipe, args):
     loader = DeviceLoader(test, device, args.eval_batch_size, ckpt["mean"], ckpt["std"], train=False,
                           channels_last=args.channels_last)
     result = evaluate(model, loader, device, amp_dtype, tta=args.tta)
-    print(test_line(result))
+    print(format_test_line(result))
     out = Path(args.out) if args.out else Path(args.resume).parent
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": args.data, "test_acc": result["acc"],
@@ -227,8 +227,9 @@ def run_training(recipe, args):
             "command": " ".join(["python", recipe.script, *sys.argv[1:]])}
     print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / "
           f"{info['test_images']} test images, output in {out}")
+    first_epoch = state["epoch"] + 1  # of this process: its first step warms up (and compiles)
     try:
-        for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        for epoch in range(first_epoch, args.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             print(f"EPOCH: {epoch} (LR: {lr})")
             epoch_start = time.perf_counter()
@@ -237,14 +238,13 @@ def run_training(recipe, args):
             eval_start = time.perf_counter()
             ev = evaluate(step_model, s.test_loader, device, amp_dtype, tta=args.tta)
             state["eval_seconds"] += time.perf_counter() - eval_start
-            print(test_line(ev))
+            print(format_test_line(ev))
             if args.no_progress or not sys.stderr.isatty():
                 print(f"  train: loss {tr['loss']:.4f}, accuracy {tr['acc']:.2f}%, {tr['seconds']:.1f}s")
-            first_epoch_here = epoch == state["epoch"] + 1  # of this process: its first step warms up
-            warmup = tr["first_step_s"] if first_epoch_here else 0.0
+            warmup = tr["first_step_s"] if epoch == first_epoch else 0.0
             state["warmup_seconds"] += warmup
             state["train_seconds"] += tr["seconds"] - warmup
-            state["train_images"] += tr["images"] - (args.batch_size if first_epoch_here else 0)
+            state["train_images"] += tr["images"] - (args.batch_size if epoch == first_epoch else 0)
             state["history"].append({"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
                                      "test_loss": ev["loss"], "test_acc": ev["acc"],
                                      "epoch_time_s": time.perf_counter() - epoch_start})

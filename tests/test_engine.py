@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from core.data import DeviceLoader, Split
-from core.engine import evaluate, test_line
+from core.engine import evaluate, format_test_line
 from tests.conftest import synthetic_images
 
 
@@ -21,5 +21,5 @@ def test_evaluate_matches_a_direct_computation_with_and_without_tta():
             assert abs(result["loss"] - F.cross_entropy(logits, y).item()) < 1e-5
             assert result["correct"] == int((logits.argmax(1) == y).sum())
             assert torch.equal(result["predictions"], logits.argmax(1))
-    assert test_line({"loss": 0.33371, "correct": 9048, "total": 10000, "acc": 90.48}) == \
+    assert format_test_line({"loss": 0.33371, "correct": 9048, "total": 10000, "acc": 90.48}) == \
         "Test set: Average loss: 0.3337, Accuracy: 9048/10000 (90.48%)"

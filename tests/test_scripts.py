@@ -73,7 +73,7 @@ def test_lr_from_reuses_a_saved_test(data, tmp_path):
 def test_lr_from_a_file_that_is_not_a_range_test(data, tmp_path, capsys):
     bad = tmp_path / "x.json"
     bad.write_text("{}")
-    assert train_resnet.main([*common(data, tmp_path / "run"), "--lr-from", str(bad)]) == 1
+    assert train_resnet.main([*common(data, tmp_path / "run"), "--batch-size", "50", "--lr-from", str(bad)]) == 1
     assert "is not an lr_finder.json" in capsys.readouterr().err
 
 
