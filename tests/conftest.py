@@ -1,7 +1,6 @@
 """Tiny synthetic CIFAR-10 look-alikes in every format the loader accepts."""
 
 import pickle
-import tarfile
 
 import numpy as np
 import pytest
@@ -43,12 +42,6 @@ def write_image_folder(root, n_train=100, n_test=50, ext="png", classes=CLASSES)
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img.transpose(1, 2, 0)).save(d / f"{i:04d}.{ext}", quality=95)
     return root
-
-
-def write_tar(src, tar_path, arcname):
-    with tarfile.open(tar_path, "w:gz") as tar:
-        tar.add(src, arcname=arcname)
-    return tar_path
 
 
 @pytest.fixture

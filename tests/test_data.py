@@ -11,7 +11,7 @@ from PIL import Image
 
 from core.data import DeviceLoader, Split, balanced_subset, channel_stats, load_dataset
 from core.errors import UserError
-from tests.conftest import CLASSES, synthetic_images, write_batches, write_image_folder, write_tar
+from tests.conftest import CLASSES, synthetic_images, write_batches, write_image_folder
 
 
 def check(ds, n_train=100, n_test=50):
