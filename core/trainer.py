@@ -30,6 +30,10 @@ RUN_PLACE_FLAGS = {"data", "cache_dir", "out", "device", "no_progress", "resume"
 MISCLASSIFIED_SHOWN = 20
 
 
+def default_out(recipe):
+    return Path(f"runs/{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}")
+
+
 def validate(args):
     if args.max_at_epoch is None:
         args.max_at_epoch = min(5.0, args.epochs * 5 / 24)
@@ -188,7 +192,7 @@ def run_training(recipe, args):
         args.out = args.out if args.out is not None else str(Path(args.resume).parent)
         validate(args)
     s = Setup(recipe, args)
-    out = Path(args.out or f"runs/{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    out = Path(args.out) if args.out else default_out(recipe)
     args.out = str(out)
     out.mkdir(parents=True, exist_ok=True)
     s.print_summary(recipe, out)
@@ -228,6 +232,7 @@ def run_training(recipe, args):
     print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / "
           f"{info['test_images']} test images, output in {out}")
     first_epoch = state["epoch"] + 1  # of this process: its first step warms up (and compiles)
+    ev = None
     try:
         for epoch in range(first_epoch, args.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
@@ -236,7 +241,8 @@ def run_training(recipe, args):
             tr = train_epoch(step_model, s.train_loader, optimizer, schedule, s.loss_fn, device, amp_dtype, scaler,
                              progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}")
             eval_start = time.perf_counter()
-            ev = evaluate(step_model, s.test_loader, device, amp_dtype, tta=args.tta)
+            ev = evaluate(step_model, s.test_loader, device, amp_dtype, keep_predictions=epoch == args.epochs,
+                          tta=args.tta)
             state["eval_seconds"] += time.perf_counter() - eval_start
             print(format_test_line(ev))
             if args.no_progress or not sys.stderr.isatty():
@@ -262,8 +268,9 @@ def run_training(recipe, args):
         print(f"\nInterrupted. {out / 'last.pt'} holds the state after epoch {state['epoch']}; resume with:\n"
               f"  python {recipe.script} --resume {out / 'last.pt'}", file=sys.stderr)
         return 130
-    finish(out, state, schedule, len(s.train_loader), optimizer, step_model, s.test_loader, s.test, s.ds.classes,
-           device, amp_dtype, args.tta)
+    if ev is None:  # resumed from a run that had already finished: nothing was evaluated yet
+        ev = evaluate(step_model, s.test_loader, device, amp_dtype, keep_predictions=True, tta=args.tta)
+    finish(out, state, schedule, len(s.train_loader), optimizer, ev["predictions"].numpy(), s.test, s.ds.classes)
     print(f"Best test accuracy {state['best_test_acc']:.2f}%, final {state['history'][-1]['test_acc']:.2f}%; "
           f"outputs in {out}")
     return 0
@@ -271,7 +278,7 @@ def run_training(recipe, args):
 
 def run_many(recipe, args):
     """--runs N: N independent runs with consecutive seeds, and the spread of their accuracy."""
-    base = Path(args.out or f"runs/{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    base = Path(args.out) if args.out else default_out(recipe)
     finals, bests = [], []
     for i in range(args.runs):
         run_args = type(args)(**{**vars(args), "runs": 1, "seed": args.seed + i, "out": str(base / f"seed{args.seed + i}")})
@@ -304,14 +311,13 @@ def write_metrics(out, info, state):
     write_history_csv(out / "metrics.csv", history)
 
 
-def finish(out, state, schedule, steps_per_epoch, optimizer, model, test_loader, test, classes, device, amp_dtype,
-           tta):
-    """Figures users look at: curves, the schedule actually used, and what the model gets wrong."""
+def finish(out, state, schedule, steps_per_epoch, optimizer, preds, test, classes):
+    """Figures users look at: curves, the schedule actually used, and what the final model gets wrong
+    (``preds``: its test predictions, kept from the last epoch's evaluation)."""
     plots.plot_curves(state["history"], out / "curves.png")
     lrs, moms = trace(schedule, schedule.total_steps)
     label = "beta1" if "betas" in optimizer.defaults else "momentum"
     plots.plot_lr_schedule(lrs, moms, steps_per_epoch, out / "lr_schedule.png", momentum_label=label)
-    preds = evaluate(model, test_loader, device, amp_dtype, keep_predictions=True, tta=tta)["predictions"].numpy()
     wrong = np.flatnonzero(preds != test.labels)
     wrong = wrong[np.linspace(0, len(wrong) - 1, min(len(wrong), MISCLASSIFIED_SHOWN)).astype(int)]  # spread over classes
     plots.plot_misclassified(test.images[wrong], test.labels[wrong], preds[wrong], classes, out / "misclassified.png")
