@@ -102,6 +102,9 @@ def build_train_parser(recipe):
     g.add_argument("--max-at-epoch", type=positive_float, default=None,
                    help="epoch at which the LR peaks (default: 5, or 5/24 of --epochs when that is fewer)")
     g.add_argument("--optimizer", choices=["sgd", "adam"], help="SGD with Nesterov momentum, or Adam")
+    g.add_argument("--cycle-momentum", action=argparse.BooleanOptionalAction,
+                   help="run the momentum (Adam: beta1) 0.95 -> 0.85 -> 0.95 against the LR; "
+                        "--no-cycle-momentum keeps it at 0.9")
     g.add_argument("--weight-decay", type=non_negative_float, help="L2 weight decay")
     g.add_argument("--label-smoothing", type=non_negative_float, help="label smoothing of the training loss")
     g.add_argument("--runs", type=positive_int, default=1,
@@ -117,7 +120,7 @@ def build_train_parser(recipe):
     g.add_argument("--resume", default=None, metavar="PATH", help="continue from a last.pt or best.pt")
     g.add_argument("--eval-only", action="store_true",
                    help="with --resume: evaluate the checkpoint on --data's test split and write eval.json")
-    g.add_argument("--tta", action="store_true",
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="evaluate on each test image and its mirror image, averaging the logits")
     p.set_defaults(**recipe.defaults)
     return p

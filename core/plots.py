@@ -105,6 +105,7 @@ def plot_schedule_examples(out):
     cycles, and the ResNet recipe's one-cycle LR with its momentum. Returns the PNG paths."""
     import torch
 
+    from .recipes import RECIPES
     from .schedule import Cyclic, one_cycle_for_recipe, trace
 
     plt = _pyplot()
@@ -122,10 +123,13 @@ def plot_schedule_examples(out):
     paths = [out / "cyclic_lr.png", out / "one_cycle.png"]
     _save(fig, paths[0])
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9, nesterov=True)
-    steps_per_epoch = 98  # 50,000 images at batch 512
-    one_cycle = one_cycle_for_recipe(sgd, lr_max=0.4, lr_min=0.004, epochs=24, steps_per_epoch=steps_per_epoch,
-                                     max_at_epoch=5)
+    d = RECIPES["resnet"].defaults
+    steps_per_epoch = 50_000 // d["batch_size"]
+    one_cycle = one_cycle_for_recipe(sgd, lr_max=d["lr_max"], lr_min=d["lr_min"], epochs=d["epochs"],
+                                     steps_per_epoch=steps_per_epoch, max_at_epoch=5,
+                                     cycle_momentum=d["cycle_momentum"])
     lrs, moms = trace(one_cycle, one_cycle.total_steps)
     plot_lr_schedule(lrs, moms, steps_per_epoch, paths[1],
-                     title="ResNet recipe: one-cycle, peak at epoch 5 of 24, no annihilation")
+                     title=f"ResNet recipe: one-cycle {d['lr_min']:g} -> {d['lr_max']:g} (epoch 5) -> "
+                           f"{d['lr_min']:g} over {d['epochs']} epochs, no annihilation")
     return paths

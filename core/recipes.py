@@ -40,14 +40,14 @@ RECIPES = {
     "resnet": Recipe(
         "resnet", augment.resnet_recipe,
         "Train the custom ResNet (Page's ResNet-9 layout) on CIFAR-10 with a one-cycle policy.",
-        dict(epochs=24, batch_size=512, lr_max=0.4, lr_min=0.004, optimizer="sgd",
-             weight_decay=5e-4, label_smoothing=0.2),
+        dict(epochs=24, batch_size=512, lr_max=0.4, lr_min=0.0004, optimizer="sgd", cycle_momentum=False,
+             weight_decay=5e-4, label_smoothing=0.2, tta=True),
     ),
     "dilated": Recipe(
         "dilated", augment.dilated_recipe,
         "Train the C1C2C3C4O net (dilated and depthwise-separable convs, no max-pooling, <200k params).",
-        dict(epochs=30, batch_size=256, lr_max=0.2, lr_min=0.002, optimizer="sgd",
-             weight_decay=5e-4, label_smoothing=0.1),
+        dict(epochs=30, batch_size=256, lr_max=0.2, lr_min=0.002, optimizer="sgd", cycle_momentum=True,
+             weight_decay=5e-4, label_smoothing=0.1, tta=False),
         model_flags=(
             ("--downsample", dict(choices=["strided", "dilated"], default="strided",
                                   help="downsample with stride-2 convs, or keep 32x32 and grow dilations")),
@@ -58,8 +58,8 @@ RECIPES = {
     "ultimus": Recipe(
         "ultimus", augment.flip_crop_recipe,
         "Train the Ultimus attention net (3 convs, GAP, 4 attention blocks) on CIFAR-10.",
-        dict(epochs=24, batch_size=512, lr_max=0.003, lr_min=0.0003, optimizer="adam",
-             weight_decay=0.0, label_smoothing=0.0),
+        dict(epochs=24, batch_size=512, lr_max=0.003, lr_min=0.0003, optimizer="adam", cycle_momentum=True,
+             weight_decay=0.0, label_smoothing=0.0, tta=False),
         model_flags=(
             ("--residual", dict(action="store_true",
                                 help="variant: a skip connection around each Ultimus block (default: exact architecture)")),

@@ -122,12 +122,15 @@ class OneCycle(StepSchedule):
                 start = end
         return lrs, moms
 
-def one_cycle_for_recipe(optimizer, lr_max, lr_min, epochs, steps_per_epoch, max_at_epoch):
+def one_cycle_for_recipe(optimizer, lr_max, lr_min, epochs, steps_per_epoch, max_at_epoch, cycle_momentum=True):
     """The assignments' one-cycle: linear up from lr_min to lr_max at ``max_at_epoch``, then
-    linearly back down to lr_min at the end (no annihilation below lr_min)."""
+    linearly back down to lr_min at the end (no annihilation below lr_min). Without
+    ``cycle_momentum`` the optimizer's own momentum (or beta1) is left as it is, as in Page's
+    ResNet-9 recipe (fixed Nesterov momentum 0.9)."""
     total = epochs * steps_per_epoch
     return OneCycle(optimizer, max_lr=lr_max, total_steps=total, pct_start=max_at_epoch / epochs,
-                    anneal_strategy="linear", div_factor=lr_max / lr_min, final_div_factor=1.0)
+                    anneal_strategy="linear", div_factor=lr_max / lr_min, final_div_factor=1.0,
+                    cycle_momentum=cycle_momentum)
 
 
 class Cyclic(StepSchedule):
@@ -203,6 +206,12 @@ class Cyclic(StepSchedule):
 
 
 def trace(schedule, steps):
-    """The (lr, momentum) of the first param group at each of ``steps`` steps, for plotting."""
+    """The (lr, momentum) of the first param group at each of ``steps`` steps, for plotting.
+    A schedule that does not cycle momentum leaves the optimizer's own value in force."""
     values = [schedule.values_at(s) for s in range(steps)]
-    return [lrs[0] for lrs, _ in values], [moms[0] for _, moms in values]
+    lrs = [lrs[0] for lrs, _ in values]
+    if schedule.cycle_momentum:
+        return lrs, [moms[0] for _, moms in values]
+    group = schedule.optimizer.param_groups[0]
+    fixed = group["betas"][0] if schedule.use_beta1 else group.get("momentum", 0.0)
+    return lrs, [fixed] * steps

@@ -199,7 +199,7 @@ def run_training(recipe, args):
     resolve_lr_bounds(args, s, out)
     model, optimizer, device, amp_dtype = s.model, s.optimizer, s.device, s.amp_dtype
     schedule = one_cycle_for_recipe(optimizer, args.lr_max, args.lr_min, args.epochs, len(s.train_loader),
-                                    args.max_at_epoch)
+                                    args.max_at_epoch, cycle_momentum=args.cycle_momentum)
     scaler = make_scaler(device, amp_dtype)
     # Seconds are summed over the processes of a resumed run; each process has its own warm-up.
     state = {"epoch": 0, "history": [], "best_test_acc": 0.0, "train_seconds": 0.0, "train_images": 0,

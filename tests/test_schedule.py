@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.schedule import OneCycle, one_cycle_for_recipe
+from core.schedule import OneCycle, one_cycle_for_recipe, trace
 
 CONFIGS = [
     dict(max_lr=0.4, total_steps=100),
@@ -76,3 +76,12 @@ def test_recipe_schedule_peaks_at_max_at_epoch_and_ends_at_lr_min():
     assert max(lrs) == pytest.approx(0.4) and lrs.index(max(lrs)) == 5 * 98 - 1
     assert lrs[-1] == pytest.approx(0.004)
     assert lrs[100] - lrs[99] == pytest.approx(lrs[200] - lrs[199]), "linear warm-up"
+
+
+def test_recipe_schedule_without_momentum_cycling_keeps_the_optimizers_momentum():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9, nesterov=True)
+    sched = one_cycle_for_recipe(opt, lr_max=0.4, lr_min=0.0004, epochs=4, steps_per_epoch=10, max_at_epoch=1,
+                                 cycle_momentum=False)
+    lrs, moms = trace(sched, sched.total_steps)
+    assert max(lrs) == pytest.approx(0.4) and lrs[-1] == pytest.approx(0.0004)
+    assert set(moms) == {0.9}
