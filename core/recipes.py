@@ -47,7 +47,7 @@ RECIPES = {
         "dilated", augment.dilated_recipe,
         "Train the C1C2C3C4O net (dilated and depthwise-separable convs, no max-pooling, <200k params).",
         dict(epochs=50, batch_size=256, lr_max=0.2, lr_min=0.0002, optimizer="sgd", cycle_momentum=False,
-             weight_decay=5e-4, label_smoothing=0.1, tta=False),
+             weight_decay=5e-4, label_smoothing=0.1, tta=True),
         model_flags=(
             ("--downsample", dict(choices=["strided", "dilated"], default="strided",
                                   help="downsample with stride-2 convs, or keep 32x32 and grow dilations")),

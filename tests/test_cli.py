@@ -63,6 +63,18 @@ def test_a_run_writes_every_output(full_run, capfd):
     assert ckpt["epoch"] == 3 and ckpt["args"]["lr_max"] == 0.05
 
 
+def test_tta_changes_the_evaluation_but_not_the_training(data, full_run, tmp_path):
+    """The recipes turn TTA on by default; a run without it must train the very same weights,
+    so one checkpoint evaluated both ways compares the two fairly."""
+    assert train_resnet.main(tiny(data, tmp_path, "--no-tta")) == 0
+    with_tta, without = load_checkpoint(full_run / "last.pt", "resnet"), load_checkpoint(tmp_path / "last.pt", "resnet")
+    assert with_tta["args"]["tta"] is True and without["args"]["tta"] is False
+    assert all(torch.equal(with_tta["model"][k], without["model"][k]) for k in with_tta["model"])
+    train_keys = ("train_loss", "train_acc", "lr")
+    assert [[h[k] for k in train_keys] for h in metrics(full_run)["history"]] == \
+        [[h[k] for k in train_keys] for h in metrics(tmp_path)["history"]]
+
+
 def test_log_has_the_seed_style_lines(data, tmp_path, capsys):
     assert train_resnet.main(tiny(data, tmp_path, "--epochs", "2")) == 0
     out = capsys.readouterr().out
