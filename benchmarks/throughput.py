@@ -17,7 +17,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.cli import ArgumentParser, positive_int, run_cli  # noqa: E402
+from core.cli import ArgumentParser, add_cache_arg, positive_int, run_cli  # noqa: E402
 from core.data import DeviceLoader, channel_stats  # noqa: E402
 from core.device import make_scaler, pick_amp, pick_device  # noqa: E402
 from core.engine import synchronize, train_step  # noqa: E402
@@ -106,8 +106,7 @@ VARIANTS = {
 def main(argv=None):
     p = ArgumentParser(prog="benchmarks/throughput.py", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="an image-folder root with train/<class>/ (the seeds' ImageFolder needs one)")
-    p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="where decoded uint8 arrays are cached (default: ~/.cache/cifar-toolkit; 'none' disables)")
+    add_cache_arg(p)
     p.add_argument("--models", nargs="+", default=["resnet"], choices=sorted(RECIPES), help="models to measure")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--ablate", action="store_true",

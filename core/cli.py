@@ -59,14 +59,18 @@ def non_negative_float(text):
     return value
 
 
+def add_cache_arg(p):
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where decoded uint8 arrays are cached (default: ~/.cache/cifar-toolkit; 'none' disables)")
+
+
 def add_data_args(p):
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, metavar="PATH",
                    help="CIFAR-10 source: a folder holding cifar-10-batches-py/, an image folder with "
                         "train/<class>/ and test/<class>/, or a .tar/.tar.gz/.tgz of either "
                         "(default: ./data, downloading the official dataset there if missing)")
-    g.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="where decoded uint8 arrays are cached (default: ~/.cache/cifar-toolkit; 'none' disables)")
+    add_cache_arg(g)
     g.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
                    help="train on a fixed class-balanced selection of the first N images")
     g.add_argument("--test-subset", type=positive_int, default=None, metavar="N",

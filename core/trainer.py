@@ -270,7 +270,7 @@ def run_training(recipe, args):
         return 130
     if ev is None:  # resumed from a run that had already finished: nothing was evaluated yet
         ev = evaluate(step_model, s.test_loader, device, amp_dtype, keep_predictions=True, tta=args.tta)
-    finish(out, state, schedule, len(s.train_loader), optimizer, ev["predictions"].numpy(), s.test, s.ds.classes)
+    finish(out, state, schedule, len(s.train_loader), ev["predictions"].numpy(), s.test, s.ds.classes)
     print(f"Best test accuracy {state['best_test_acc']:.2f}%, final {state['history'][-1]['test_acc']:.2f}%; "
           f"outputs in {out}")
     return 0
@@ -311,12 +311,12 @@ def write_metrics(out, info, state):
     write_history_csv(out / "metrics.csv", history)
 
 
-def finish(out, state, schedule, steps_per_epoch, optimizer, preds, test, classes):
+def finish(out, state, schedule, steps_per_epoch, preds, test, classes):
     """Figures users look at: curves, the schedule actually used, and what the final model gets wrong
     (``preds``: its test predictions, kept from the last epoch's evaluation)."""
     plots.plot_curves(state["history"], out / "curves.png")
     lrs, moms = trace(schedule, schedule.total_steps)
-    label = "beta1" if "betas" in optimizer.defaults else "momentum"
+    label = "beta1" if schedule.use_beta1 else "momentum"
     plots.plot_lr_schedule(lrs, moms, steps_per_epoch, out / "lr_schedule.png", momentum_label=label)
     wrong = np.flatnonzero(preds != test.labels)
     wrong = wrong[np.linspace(0, len(wrong) - 1, min(len(wrong), MISCLASSIFIED_SHOWN)).astype(int)]  # spread over classes
