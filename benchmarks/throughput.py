@@ -2,8 +2,9 @@
 
 The seeds' pipeline: torchvision ImageFolder + DataLoader with per-sample transforms (crop with
 reflect padding, flip, a fixed 8x8 erase as cutout), in fp32. Ours: uint8 images on the device,
-per-batch tensor augmentation, AMP and channels_last as ``--amp auto`` picks. Both time the same
-optimizer steps after a warm-up, data loading included, and print a table with the ratio.
+per-batch tensor augmentation, AMP and channels_last as ``--amp auto`` picks, and on the CPU
+glibc told to keep freed memory (``keep_freed_memory``). Both time the same optimizer steps
+after a warm-up, data loading included, and print a table with the ratio.
 
     python benchmarks/throughput.py --data PATH/cifar10-jpeg --device cpu
 """
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.cli import ArgumentParser, add_cache_arg, positive_int, run_cli  # noqa: E402
 from core.data import DeviceLoader, channel_stats  # noqa: E402
-from core.device import make_scaler, pick_amp, pick_device  # noqa: E402
+from core.device import keep_freed_memory, make_scaler, pick_amp, pick_device  # noqa: E402
 from core.engine import synchronize, train_step  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.models import build_model  # noqa: E402
@@ -111,7 +112,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--ablate", action="store_true",
                    help="also measure ours without channels_last, in fp32, with torch.compile, with foreach or "
-                        "fused SGD, and with a host sync every step")
+                        "fused SGD, with a host sync every step and with glibc's default malloc, and the seed "
+                        "pipeline with freed memory kept")
     p.add_argument("--batch-size", type=positive_int, default=512)
     p.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps per pipeline")
     p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first")
@@ -125,24 +127,35 @@ def benchmark(args):
     device = pick_device(args.device)
     ds = load_data(args, need_train=True)
     mean, std = channel_stats(ds.train.images)
-    variants = list(VARIANTS) if args.ablate else ["ours"]
-    rows = []
+    rows, seed = [], {}
+    # First everything that runs on glibc's default malloc, as the seeds did: keep_freed_memory
+    # cannot be undone within a process, so it comes second.
     for name in args.models:
         torch.manual_seed(0)
-        seed = seed_pipeline(args, name, device, mean, std)
-        print(f"{name}: seed pipeline {seed:.1f} images/s", flush=True)
-        for variant in variants:
+        seed[name] = seed_pipeline(args, name, device, mean, std)
+        print(f"{name}: seed pipeline {seed[name]:.1f} images/s", flush=True)
+        if args.ablate:
+            ours, amp_dtype = our_pipeline(args, name, device, ds.train, mean, std)
+            rows.append((name, "ours, default malloc", seed[name], ours, amp_dtype))
+            print(f"{name}: ours, default malloc {ours:.1f} images/s", flush=True)
+    if keep_freed_memory(device) and args.ablate:
+        for name in args.models:
+            torch.manual_seed(0)
+            kept = seed_pipeline(args, name, device, mean, std)
+            rows.append((name, "seed pipeline, freed memory kept", seed[name], kept, None))
+            print(f"{name}: seed pipeline, freed memory kept {kept:.1f} images/s", flush=True)
+    for name in args.models:
+        for variant in list(VARIANTS) if args.ablate else ["ours"]:
             ours, amp_dtype = our_pipeline(args, name, device, ds.train, mean, std, **VARIANTS[variant])
-            rows.append((name, variant, seed, ours, amp_dtype))
+            rows.append((name, variant, seed[name], ours, amp_dtype))
             print(f"{name}: {variant} {ours:.1f} images/s", flush=True)
     print(f"\ndevice: {device}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
     print("| model | pipeline | AMP | images/s | seed pipeline (fp32, DataLoader) images/s | ratio |")
     print("|---|---|---|---|---|---|")
-    for name, variant, seed, ours, amp_dtype in rows:
+    for name, variant, seed_rate, ours, amp_dtype in sorted(rows, key=lambda row: args.models.index(row[0])):
         amp = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
-        print(f"| {name} | {variant} | {amp} | {ours:.1f} | {seed:.1f} | {ours / seed:.2f}x |")
+        print(f"| {name} | {variant} | {amp} | {ours:.1f} | {seed_rate:.1f} | {ours / seed_rate:.2f}x |")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,9 @@
 """Choosing the device and the mixed-precision mode, and the autocast context for a step."""
 
 import contextlib
+import ctypes
 import functools
+import sys
 
 import torch
 
@@ -23,6 +25,32 @@ def pick_device(name="auto"):
     if name not in ("cuda", "mps", "cpu"):
         raise UserError(f"--device {name}: unknown device; choose auto, cuda, mps or cpu")
     return torch.device(name)
+
+
+# glibc's mallopt() parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory(device):
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default glibc serves every buffer above 32 MiB with a fresh mmap and unmaps it on free.
+    A ResNet batch of 512 holds several 64 MiB activations, so every step faulted in and zeroed
+    hundreds of MiB of new pages. On the 2-core dev box this was 42 s of kernel time in a 107 s
+    run, and keeping the memory raised training from 288 to 378 images/s, with the same numbers
+    out. The price is memory: the heap settles at about 2 GiB for that run instead of 0.9 GiB,
+    and stays there. GPU memory is untouched. This does nothing off Linux or off the CPU.
+    Returns whether the setting took.
+    """
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,7 +15,7 @@ from torch import nn
 from . import plots
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEFAULT_CACHE, DeviceLoader, Split, balanced_subset, channel_stats, load_dataset
-from .device import make_scaler, pick_amp, pick_device
+from .device import keep_freed_memory, make_scaler, pick_amp, pick_device
 from .engine import NonFiniteLoss, evaluate, format_test_line, train_epoch
 from .errors import UserError
 from .models import build_model
@@ -102,6 +102,7 @@ def load_data(args, need_train):
 def evaluate_only(recipe, args):
     ckpt = load_checkpoint(args.resume, recipe.name)
     device = pick_device(args.device)
+    keep_freed_memory(device)
     amp_dtype = pick_amp(args.amp, device)
     ds = load_data(args, need_train=False)
     if len(ds.classes) != len(ckpt["classes"]):
@@ -128,6 +129,7 @@ class Setup:
 
     def __init__(self, recipe, args):
         self.device = pick_device(args.device)
+        keep_freed_memory(self.device)
         self.amp_dtype = pick_amp(args.amp, self.device)
         torch.manual_seed(args.seed)
         self.order_gen = torch.Generator().manual_seed(args.seed)

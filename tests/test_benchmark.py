@@ -49,3 +49,19 @@ def test_benchmark_refuses_a_source_without_a_train_folder(throughput, tmp_path,
     assert throughput.main(["--data", str(tmp_path), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "no train/ folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ablation_measures_the_default_malloc_before_keeping_freed_memory(throughput, tmp_path, capsys, monkeypatch):
+    root = write_image_folder(tmp_path / "imgs", n_train=40, n_test=10)
+    no_compile = {k: v for k, v in throughput.VARIANTS.items() if not v.get("compile_model")}  # compiling is slow
+    monkeypatch.setattr(throughput, "VARIANTS", no_compile)
+    order = []
+    monkeypatch.setattr(throughput, "keep_freed_memory", lambda device: order.append("keep") or True)
+    real_seed_pipeline = throughput.seed_pipeline
+    monkeypatch.setattr(throughput, "seed_pipeline", lambda *a: order.append("seed") or real_seed_pipeline(*a))
+    argv = ["--data", str(root), "--device", "cpu", "--models", "ultimus", "--batch-size", "8", "--ablate",
+            "--steps", "2", "--warmup", "1", "--workers", "0", "--cache-dir", "none"]
+    assert throughput.main(argv) == 0
+    rows = [line.split("|")[2].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ultimus |")]
+    assert sorted(rows) == sorted([*no_compile, "ours, default malloc", "seed pipeline, freed memory kept"])
+    assert order == ["seed", "keep", "seed"]  # the seeds' own figure comes from the default allocator
