@@ -67,7 +67,8 @@ def range_test_main(args):
     print(f"\nRange test: {steps} steps from {record['lrs'][0]:.3g} to {record['lrs'][-1]:.3g}{stop}")
     for name, lr in record["suggestions"].items():
         print(f"  {name:>12}: {lr:.4g}")
-    print(f"Suggested one-cycle bounds ({record['method']}): lr_max {record['lr_max']:.4g}, lr_min {record['lr_min']:.4g}")
+    print(f"Suggested one-cycle bounds: lr_max {record['lr_max']:.4g} ({record['method']}), "
+          f"lr_min {record['lr_min']:.4g} ({record['lr_min_method']})")
     command = ["python", recipe.script, "--lr-max", f"{record['lr_max']:.4g}", "--lr-min", f"{record['lr_min']:.4g}",
                "--optimizer", train_args.optimizer]
     if args.data:

@@ -174,7 +174,7 @@ def resolve_lr_bounds(args, s, out):
         record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
                              settings=plain_args(args))
         args.lr_max, args.lr_min = record["lr_max"], record["lr_min"]
-        args.lr_source = f"range test ({record['method']}), see lr_finder.png"
+        args.lr_source = f"range test: lr_max by {record['method']}, lr_min {record['lr_min_method']}; see lr_finder.png"
     else:
         args.lr_source = getattr(args, "lr_source", None) or "flags"
     args.lr_from = None  # resolved: a resumed run must not look for the file again

@@ -315,6 +315,15 @@ def test_steepest_finds_the_steepest_point():
     assert math.log10(lr) == pytest.approx(-3.0, abs=0.051)
 
 
+def test_steepest_skips_the_noise_at_the_start_of_the_sweep():
+    """The first points' drop (batch noise, at LRs too small to matter) is steeper than the real
+    descent; steepest must still find the real one, as in the ResNet's batch-512 sweep."""
+    losses = sigmoid_curve()
+    losses[:3] = [2.6, 2.45, 2.3]
+    lr = suggest(LRS, losses, "steepest")
+    assert math.log10(lr) == pytest.approx(-3.0, abs=0.051)
+
+
 def test_steepest_is_strictly_before_the_minimum():
     """The last step into the minimum is the steepest drop; the answer is the point before it."""
     lrs = np.logspace(-3, 0, 6)
@@ -381,8 +390,9 @@ def test_default_stays_well_below_a_late_steepest_reading_like_seed_000():
 def test_suggest_bounds():
     losses = sigmoid_curve()
     bounds = suggest_bounds(LRS, losses)
-    assert bounds["method"] == DEFAULT_METHOD
+    assert bounds["method"] == DEFAULT_METHOD and bounds["lr_min_method"] == "lr_max/10"
     assert bounds["lr_max"] == suggest(LRS, losses, DEFAULT_METHOD)
+    assert bounds["lr_min"] == pytest.approx(bounds["lr_max"] / 10, rel=1e-12)
     assert 0 < bounds["lr_min"] < bounds["lr_max"] <= LRS[np.argmin(losses)]
     assert suggest_bounds(LRS, losses, "steepest")["lr_max"] == suggest(LRS, losses, "steepest")
 

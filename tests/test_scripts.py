@@ -35,7 +35,7 @@ def test_range_test_cli_writes_a_geometric_sweep_and_bounds(data, tmp_path, caps
     assert lrs[0] == pytest.approx(1e-5)
     ratios = lrs[1:] / lrs[:-1]
     assert np.allclose(ratios, (10 / 1e-5) ** (1 / 11)), "geometric from start_lr, reaching end_lr at step 12"
-    assert {"losses", "raw_losses", "lr_max", "lr_min", "method", "args", "suggestions"} <= set(record)
+    assert {"losses", "raw_losses", "lr_max", "lr_min", "method", "lr_min_method", "args", "suggestions"} <= set(record)
     assert 0 < record["lr_min"] < record["lr_max"] <= lrs[int(np.argmin(record["losses"]))]
     assert (tmp_path / "lr_finder.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
