@@ -138,7 +138,8 @@ def benchmark(args):
             ours, amp_dtype = our_pipeline(args, name, device, ds.train, mean, std)
             rows.append((name, "ours, default malloc", seed[name], ours, amp_dtype))
             print(f"{name}: ours, default malloc {ours:.1f} images/s", flush=True)
-    if keep_freed_memory(device) and args.ablate:
+    memory_kept = keep_freed_memory(device)
+    if memory_kept and args.ablate:
         for name in args.models:
             torch.manual_seed(0)
             kept = seed_pipeline(args, name, device, mean, std)
@@ -156,6 +157,7 @@ def benchmark(args):
         amp = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
         print(f"| {name} | {variant} | {amp} | {ours:.1f} | {seed_rate:.1f} | {ours / seed_rate:.2f}x |")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
