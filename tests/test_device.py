@@ -1,6 +1,8 @@
 """Device and AMP selection, including the CUDA branches, which run here with torch.cuda mocked."""
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,10 +82,6 @@ print(faults() - before)
 
 
 def _faults(setting):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     done = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, setting], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], check=True)
     return int(done.stdout.split()[-1])
