@@ -15,6 +15,7 @@ from pathlib import Path
 from core.cli import (ArgumentParser, add_data_args, add_device_args, non_negative_float, positive_float,
                       positive_int, run_cli)
 from core.errors import UserError
+from core.lr_finder import METHODS
 from core.recipes import RECIPES
 
 
@@ -30,8 +31,9 @@ def parser():
     g.add_argument("--end-lr", type=positive_float, default=10.0)
     g.add_argument("--num-iter", type=positive_int, default=100)
     g.add_argument("--mode", choices=["exp", "linear"], default="exp", help="LR spacing")
-    g.add_argument("--method", choices=["conservative", "valley", "steepest", "min_div_10"], default="conservative",
-                   help="how lr_max is read off the curve (see core/lr_finder.py)")
+    g.add_argument("--method", choices=METHODS, default=None,
+                   help="how lr_max is read off the curve (default: min_div_2 for SGD, conservative for Adam; "
+                        "see core/lr_finder.py)")
     g.add_argument("--val", action="store_true", help="record the test split's loss after each step instead")
     add_device_args(p)
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/lr-find-<model>-<timestamp>)")
@@ -60,7 +62,7 @@ def range_test_main(args):
     print(s.summary)
     record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
                          start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
-                         method=args.method, val_loader=s.test_loader if args.val else None,
+                         optimizer_name=train_args.optimizer, method=args.method, val_loader=s.test_loader if args.val else None,
                          settings=plain_args(args))
     steps = len(record["lrs"])
     stop = f", stopped at step {record['diverged_at']} as the loss diverged" if record["diverged_at"] is not None else ""

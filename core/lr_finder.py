@@ -14,24 +14,35 @@ Reading the curve (every method works on the smoothed loss and returns one LR):
   decreasing subsequence of the loss, so small bumps are stepped over rather than cutting the
   descent in two; the descent is taken to be that many points ending where the subsequence
   ends. Pick the point two thirds of the way down it: well into the drop, short of the bottom.
-* ``min_div_10``: the LR of the minimum, divided by ten.
-* ``conservative`` (the default): the smaller of ``valley`` and ``min_div_10``.
+* ``min_div_2`` and ``min_div_10``: the LR of the minimum, halved or divided by ten.
+* ``conservative``: the smaller of ``valley`` and ``min_div_10``.
 
 Every suggestion is also clipped to at most the LR of the minimum smoothed loss. Past the
-minimum the loss is rising: the sweep is already diverging there, and a run at that LR as its
-peak for thousands of steps fares worse still. Seed 000 is the warning: a sweep from 0.01 read
-a max LR of 0.69; the one-cycle run crawled from 19% to 31% test accuracy in 14 epochs, blew
-up at epoch 15 (test loss 57) on the way down at LR 0.36, and ended at 33%, while the same
-network with a peak of 0.025 reached 90%.
+minimum the loss is rising: the sweep is already diverging there. Seed 000 is the warning: a
+sweep from 0.01 read a max LR of 0.69, and the one-cycle run that started at a tenth of it
+(0.069) already blew up in its first epoch (train loss 6.0), crawled to 31% and ended at 33%,
+while the same network with a peak of 0.025 reached 90%.
 
-Why ``conservative`` is the default: the sweep lasts ~100 steps, training lasts thousands, so
-the sweep tolerates LRs that training at its peak does not (seed 000 broke at half the reading).
-The methods also fail in different ways. ``steepest`` follows noise in a derivative and, when
-the sweep starts late (as seed 000's did), can land right next to the minimum. ``valley`` is
-stable on a full sweep but lands late when the descent runs up to the minimum's edge.
-``min_div_10`` depends on one point, which the smoothing lag pushes to a higher LR. Taking the
-smaller of ``valley`` and ``min_div_10`` needs both to agree that an LR is safe: erring low
-costs a little speed; erring high cost seed 000 the run.
+The default reading depends on the optimizer (``DEFAULT_READING``), because the two fail in
+opposite directions, as measured on the full ResNet sweep at batch 512:
+
+* SGD (Nesterov, BN, weight decay) at the one-cycle peak: ``min_div_2``, and lr_min three decades
+  below it. The sweep's minimum sat at 0.40-0.46, right at the hand-tuned peak of 0.4 (91.77%);
+  ``conservative`` read 0.0285, and 24 epochs from 0.0285 down to 0.00285 underfit to 88.92%.
+  With BN and weight decay the weights' scale keeps shrinking, so SGD tolerates, and needs, a
+  peak close to where the short sweep turns up; halving leaves a factor of two between the
+  peak and the turn, which is where the raw (unlagged) loss started rising on that sweep. The
+  three-decade floor is the hand-tuned recipe's (0.4 -> 0.0004): the one-cycle warms up from
+  almost nothing, so its first steps never meet the LR that blew up seed 000's first epoch,
+  and it anneals to almost nothing at the end.
+* Adam: ``conservative`` and a floor one decade below: fastai's margins, which were made for
+  Adam, whose per-parameter steps do not shrink with the weights. (The Ultimus recipe's 0.003
+  is this reading; no full Adam run here has tried a narrower margin.)
+
+Why not a single method: ``steepest`` follows noise in a derivative and, when the sweep starts
+late (as seed 000's did), can land next to the minimum. ``valley`` lands late when the descent
+runs up to the minimum's edge. The min_div readings depend on one point, which the smoothing
+lag pushes to a higher LR; halving absorbs that lag for SGD, a decade absorbs it for Adam.
 """
 
 import contextlib
@@ -44,11 +55,11 @@ import torch
 from .device import autocast, make_scaler
 from .engine import train_step
 
-METHODS = ("steepest", "valley", "min_div_10", "conservative")
-DEFAULT_METHOD = "conservative"
+METHODS = ("steepest", "valley", "min_div_2", "min_div_10", "conservative")
+# The default (lr_max method, lr_max / lr_min) per optimizer; see the module docstring.
+DEFAULT_READING = {"sgd": ("min_div_2", 1000.0), "adam": ("conservative", 10.0)}
 STEEPEST_SKIP = 0.1  # the share of the sweep's first points that steepest leaves out
 VALLEY_POSITION = 2 / 3  # how far down the longest descent the valley method reads its LR
-LR_MIN_DIVISOR = 10.0  # lr_min = lr_max / 10: one decade below the peak, the usual one-cycle floor
 
 
 def lr_schedule(start_lr, end_lr, num_iter, mode="exp"):
@@ -224,7 +235,7 @@ def _restored_afterwards(model, optimizer, scaler, device):
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def suggest(lrs, losses, method=DEFAULT_METHOD):
+def suggest(lrs, losses, method):
     """One LR read off a sweep's (lrs, smoothed losses) by ``method`` (see the module docstring),
     never above the LR of the minimum loss."""
     if method not in METHODS:
@@ -237,6 +248,8 @@ def suggest(lrs, losses, method=DEFAULT_METHOD):
         lr = _steepest(lrs, losses, bottom)
     elif method == "valley":
         lr = _valley(lrs, losses)
+    elif method == "min_div_2":
+        lr = lrs[bottom] / 2
     elif method == "min_div_10":
         lr = lrs[bottom] / 10
     else:
@@ -244,12 +257,16 @@ def suggest(lrs, losses, method=DEFAULT_METHOD):
     return float(min(lr, lrs[bottom]))
 
 
-def suggest_bounds(lrs, losses, method=DEFAULT_METHOD):
-    """{'lr_max', 'lr_min', 'method', 'lr_min_method'} for a one-cycle or cyclic schedule: lr_max
-    from ``suggest`` by ``method``, lr_min a decade below it, each named with how it was read."""
+def suggest_bounds(lrs, losses, optimizer, method=None):
+    """{'lr_max', 'lr_min', 'method', 'lr_min_method'} for a one-cycle or cyclic schedule trained
+    with ``optimizer`` ('sgd' or 'adam'): lr_max read by ``method`` (default: the optimizer's, see
+    DEFAULT_READING), lr_min the optimizer's divisor below it, each named with how it was read."""
+    if optimizer not in DEFAULT_READING:
+        raise ValueError(f"optimizer must be one of {tuple(DEFAULT_READING)}, got {optimizer!r}")
+    default_method, divisor = DEFAULT_READING[optimizer]
+    method = method or default_method
     lr_max = suggest(lrs, losses, method)
-    return {"lr_max": lr_max, "lr_min": lr_max / LR_MIN_DIVISOR, "method": method,
-            "lr_min_method": f"lr_max/{LR_MIN_DIVISOR:g}"}
+    return {"lr_max": lr_max, "lr_min": lr_max / divisor, "method": method, "lr_min_method": f"lr_max/{divisor:g}"}
 
 
 def _as_curve(lrs, losses):

@@ -85,7 +85,8 @@ def plot_range_test(lrs, losses, raw_losses, suggestions, bounds, diverged_at, m
         ax.set_xscale("log")
     bottom = int(np.nanargmin(np.where(np.isfinite(losses), losses, np.nan)))
     ax.axvspan(lrs[bottom], lrs[-1], color="tab:red", alpha=0.08, label="past the minimum: diverging")
-    colours = {"steepest": "tab:green", "valley": "tab:purple", "min_div_10": "tab:brown", "conservative": "tab:orange"}
+    colours = {"steepest": "tab:green", "valley": "tab:purple", "min_div_2": "tab:olive", "min_div_10": "tab:brown",
+               "conservative": "tab:orange"}
     for name, lr in suggestions.items():
         ax.axvline(lr, color=colours.get(name, "k"), ls="--", lw=1.2, label=f"{name}: {lr:.3g}")
     ax.axvline(bounds["lr_min"], color="k", ls=":", lw=1.2, label=f"lr_min: {bounds['lr_min']:.3g}")

@@ -14,15 +14,16 @@ from .outputs import write_json
 
 
 def find_bounds(model, optimizer, loss_fn, loader, device, amp_dtype, out, *, start_lr=1e-5, end_lr=10.0,
-                num_iter=100, mode="exp", method="conservative", val_loader=None, settings=None):
+                num_iter=100, mode="exp", optimizer_name, method=None, val_loader=None, settings=None):
     """Sweep, suggest lr_max and lr_min, and write ``out``/lr_finder.json and lr_finder.png.
 
+    ``optimizer_name`` ('sgd' or 'adam') picks the default reading; ``method`` overrides it.
     The model and optimizer come back exactly as they were, so training can start right after.
     """
     result = range_test(model, optimizer, loss_fn, loader, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
                         mode=mode, val_batches=val_loader, device=device, amp_dtype=amp_dtype)
     try:
-        bounds = suggest_bounds(result.lrs, result.losses, method)
+        bounds = suggest_bounds(result.lrs, result.losses, optimizer_name, method)
         suggestions = {m: suggest(result.lrs, result.losses, m) for m in METHODS}
     except ValueError as exc:
         raise UserError(f"the LR range test found no usable LR ({exc}); widen --start-lr/--end-lr "

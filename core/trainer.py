@@ -172,7 +172,7 @@ def resolve_lr_bounds(args, s, out):
         args.lr_source = f"lr_from:{args.lr_from}"
     elif args.lr_max == "find":
         record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
-                             settings=plain_args(args))
+                             optimizer_name=args.optimizer, settings=plain_args(args))
         args.lr_max, args.lr_min = record["lr_max"], record["lr_min"]
         args.lr_source = f"range test: lr_max by {record['method']}, lr_min {record['lr_min_method']}; see lr_finder.png"
     else:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from core.engine import train_step
-from core.lr_finder import (DEFAULT_METHOD, METHODS, lr_schedule, range_test, smooth_losses,
+from core.lr_finder import (DEFAULT_READING, METHODS, lr_schedule, range_test, smooth_losses,
                             suggest, suggest_bounds)
 
 CPU = torch.device("cpu")
@@ -335,9 +335,10 @@ def test_steepest_ignores_the_blow_up_after_the_minimum():
     assert suggest(LRS, losses, "steepest") < LRS[np.argmin(losses)]
 
 
-def test_min_div_10_is_a_decade_below_the_minimum():
+@pytest.mark.parametrize("method, divisor", [("min_div_2", 2), ("min_div_10", 10)])
+def test_min_div_readings_divide_the_lr_of_the_minimum(method, divisor):
     losses = sigmoid_curve()
-    assert suggest(LRS, losses, "min_div_10") == pytest.approx(LRS[np.argmin(losses)] / 10)
+    assert suggest(LRS, losses, method) == pytest.approx(LRS[np.argmin(losses)] / divisor)
 
 
 def test_valley_reads_two_thirds_down_the_longest_descent():
@@ -375,36 +376,61 @@ def test_no_suggestion_ever_exceeds_the_lr_of_the_minimum(seed):
         assert 0 < suggest(LRS, losses, method) <= bottom
 
 
-def test_default_stays_well_below_a_late_steepest_reading_like_seed_000():
+def seed_000_like_curve():
     """Seed 000: a sweep from 0.01 whose descent runs up to the minimum; steepest read 0.69."""
     lrs = np.logspace(-2, 1, 100)
     x = np.log10(lrs)
-    losses = 2.3 - 0.8 / (1 + np.exp(-(x + 0.2) / 0.15)) + np.exp(8 * (x - 0.55))
+    return lrs, 2.3 - 0.8 / (1 + np.exp(-(x + 0.2) / 0.15)) + np.exp(8 * (x - 0.55))
+
+
+def test_adam_default_stays_well_below_a_late_steepest_reading_like_seed_000():
+    lrs, losses = seed_000_like_curve()
     bottom = lrs[np.argmin(losses)]
     steepest = suggest(lrs, losses, "steepest")
-    default = suggest(lrs, losses)
+    bounds = suggest_bounds(lrs, losses, "adam")
     assert steepest > bottom / 5  # the trap: the steepest point sits near the minimum
-    assert default <= bottom / 10 < steepest
+    assert bounds["lr_max"] <= bottom / 10 < steepest
 
 
-def test_suggest_bounds():
+def test_sgd_default_keeps_a_factor_two_from_the_minimum_and_warms_up_from_far_below():
+    """On the same curve the SGD peak is half the minimum's LR, and the one-cycle starts three
+    decades lower: far below seed 000's first-epoch LR (a tenth of its reading)."""
+    lrs, losses = seed_000_like_curve()
+    bottom = lrs[np.argmin(losses)]
+    bounds = suggest_bounds(lrs, losses, "sgd")
+    assert bounds["lr_max"] == pytest.approx(bottom / 2)
+    assert bounds["lr_min"] == pytest.approx(bottom / 2000) and bounds["lr_min"] < 0.069 / 10
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_suggest_bounds_reads_the_optimizers_default(optimizer):
     losses = sigmoid_curve()
-    bounds = suggest_bounds(LRS, losses)
-    assert bounds["method"] == DEFAULT_METHOD and bounds["lr_min_method"] == "lr_max/10"
-    assert bounds["lr_max"] == suggest(LRS, losses, DEFAULT_METHOD)
-    assert bounds["lr_min"] == pytest.approx(bounds["lr_max"] / 10, rel=1e-12)
+    method, divisor = DEFAULT_READING[optimizer]
+    bounds = suggest_bounds(LRS, losses, optimizer)
+    assert bounds["method"] == method and bounds["lr_min_method"] == f"lr_max/{divisor:g}"
+    assert bounds["lr_max"] == suggest(LRS, losses, method)
+    assert bounds["lr_min"] == pytest.approx(bounds["lr_max"] / divisor, rel=1e-12)
     assert 0 < bounds["lr_min"] < bounds["lr_max"] <= LRS[np.argmin(losses)]
-    assert suggest_bounds(LRS, losses, "steepest")["lr_max"] == suggest(LRS, losses, "steepest")
+
+
+def test_suggest_bounds_takes_an_explicit_method_and_refuses_an_unknown_optimizer():
+    losses = sigmoid_curve()
+    bounds = suggest_bounds(LRS, losses, "sgd", "steepest")
+    assert bounds["lr_max"] == suggest(LRS, losses, "steepest") and bounds["method"] == "steepest"
+    assert bounds["lr_min"] == pytest.approx(bounds["lr_max"] / DEFAULT_READING["sgd"][1])
+    with pytest.raises(ValueError, match="optimizer"):
+        suggest_bounds(LRS, losses, "rmsprop")
 
 
 def test_suggest_handles_the_non_finite_last_point_of_a_diverged_sweep():
     losses = list(sigmoid_curve()[:120]) + [math.inf]
-    assert suggest(LRS[:121], losses) > 0
+    for method in METHODS:
+        assert suggest(LRS[:121], losses, method) > 0
 
 
 def test_suggest_refuses_a_curve_that_never_falls():
     with pytest.raises(ValueError, match="start_lr"):
-        suggest(LRS, np.linspace(1.0, 3.0, LRS.size))
+        suggest(LRS, np.linspace(1.0, 3.0, LRS.size), "min_div_2")
     with pytest.raises(ValueError, match="method"):
         suggest(LRS, sigmoid_curve(), "median")
 
@@ -415,5 +441,5 @@ def test_suggestions_from_a_real_sweep():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     result = range_test(model, opt, nn.CrossEntropyLoss(), batches(4), start_lr=1e-4,
                         end_lr=100, num_iter=40, smooth=0.8, device=CPU)
-    bounds = suggest_bounds(result.lrs, result.losses)
+    bounds = suggest_bounds(result.lrs, result.losses, "sgd")
     assert 0 < bounds["lr_min"] < bounds["lr_max"] <= result.lrs[int(np.argmin(result.losses))]

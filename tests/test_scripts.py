@@ -37,9 +37,22 @@ def test_range_test_cli_writes_a_geometric_sweep_and_bounds(data, tmp_path, caps
     assert np.allclose(ratios, (10 / 1e-5) ** (1 / 11)), "geometric from start_lr, reaching end_lr at step 12"
     assert {"losses", "raw_losses", "lr_max", "lr_min", "method", "lr_min_method", "args", "suggestions"} <= set(record)
     assert 0 < record["lr_min"] < record["lr_max"] <= lrs[int(np.argmin(record["losses"]))]
+    assert (record["method"], record["lr_min_method"]) == ("min_div_2", "lr_max/1000")  # SGD's default reading
     assert (tmp_path / "lr_finder.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "python train_resnet.py --lr-max" in printed and "--lr-from" in printed
+
+
+@pytest.mark.parametrize("extra, method, lr_min_method", [
+    (["--optimizer", "adam"], "conservative", "lr_max/10"),
+    (["--optimizer", "adam", "--method", "steepest"], "steepest", "lr_max/10"),
+])
+def test_range_test_reads_by_the_optimizer_unless_told(data, tmp_path, extra, method, lr_min_method):
+    args = ["--model", "resnet", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "12", *extra]
+    assert lr_range_test.main(args) == 0
+    record = read(tmp_path / "lr_finder.json")
+    assert (record["method"], record["lr_min_method"]) == (method, lr_min_method)
+    assert record["lr_max"] == record["suggestions"][method]
 
 
 def test_range_test_refuses_an_empty_sweep(capsys):
