@@ -126,6 +126,9 @@ def build_train_parser(recipe):
                    help="with --resume: evaluate the checkpoint on --data's test split and write eval.json")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="evaluate on each test image and its mirror image, averaging the logits")
+    g.add_argument("--tta-shift", type=int, choices=range(9), default=0, metavar="PIXELS",
+                   help="also average copies of those views shifted PIXELS (0-8) diagonally each way; "
+                        "triples the evaluation cost (default: 0, off)")
     p.set_defaults(**recipe.defaults)
     return p
 

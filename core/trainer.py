@@ -114,13 +114,13 @@ def evaluate_only(recipe, args):
     test = take(ds.test, args.test_subset)
     loader = DeviceLoader(test, device, args.eval_batch_size, ckpt["mean"], ckpt["std"], train=False,
                           channels_last=args.channels_last)
-    result = evaluate(model, loader, device, amp_dtype, tta=args.tta)
+    result = evaluate(model, loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift)
     print(format_test_line(result))
     out = Path(args.out) if args.out else Path(args.resume).parent
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": args.data, "test_acc": result["acc"],
                                    "test_loss": result["loss"], "correct": result["correct"], "total": result["total"],
-                                   "tta": args.tta})
+                                   "tta": args.tta, "tta_shift": args.tta_shift})
     return 0
 
 
@@ -244,7 +244,7 @@ def run_training(recipe, args):
                              progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}")
             eval_start = time.perf_counter()
             ev = evaluate(step_model, s.test_loader, device, amp_dtype, keep_predictions=epoch == args.epochs,
-                          tta=args.tta)
+                          tta=args.tta, tta_shift=args.tta_shift)
             state["eval_seconds"] += time.perf_counter() - eval_start
             print(format_test_line(ev))
             if args.no_progress or not sys.stderr.isatty():
@@ -271,7 +271,8 @@ def run_training(recipe, args):
               f"  python {recipe.script} --resume {out / 'last.pt'}", file=sys.stderr)
         return 130
     if ev is None:  # resumed from a run that had already finished: nothing was evaluated yet
-        ev = evaluate(step_model, s.test_loader, device, amp_dtype, keep_predictions=True, tta=args.tta)
+        ev = evaluate(step_model, s.test_loader, device, amp_dtype, keep_predictions=True, tta=args.tta,
+                      tta_shift=args.tta_shift)
     finish(out, state, schedule, len(s.train_loader), ev["predictions"].numpy(), s.test, s.ds.classes)
     print(f"Best test accuracy {state['best_test_acc']:.2f}%, final {state['history'][-1]['test_acc']:.2f}%; "
           f"outputs in {out}")

@@ -114,6 +114,10 @@ def test_eval_only_on_a_test_only_folder(full_run, tmp_path, capsys):
     assert "Test set: Average loss: " in capsys.readouterr().out
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert 0 <= result["test_acc"] <= 100 and result["test_loss"] > 0 and result["total"] == 100
+    assert train_resnet.main([*args, "--tta-shift", "2"]) == 0
+    shifted = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert (shifted["tta"], shifted["tta_shift"], result["tta_shift"]) == (True, 2, 0)
+    assert shifted["test_loss"] != result["test_loss"]  # the shifted views took part
 
 
 def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys):
@@ -130,6 +134,13 @@ def test_non_positive_numbers_are_refused_by_the_parser(data, tmp_path, capsys, 
     assert exit_info.value.code == 2
     assert "must be positive" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tta_shift_past_the_padding_limit_is_refused(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_resnet.main(tiny(data, tmp_path / "out", "--tta-shift", "9"))
+    assert exit_info.value.code == 2
+    assert "--tta-shift" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("flags, message", [
