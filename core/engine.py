@@ -71,7 +71,6 @@ def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, 
             "seconds": time.perf_counter() - start, "first_step_s": first_step_s or 0.0, "images": seen}
 
 
-@torch.no_grad()
 def tta_views(x, flip=False, shift=0):
     """The views of a test batch whose logits evaluation averages.
 
@@ -88,6 +87,7 @@ def tta_views(x, flip=False, shift=0):
     return views
 
 
+@torch.no_grad()
 def evaluate(model, loader, device, amp_dtype, keep_predictions=False, tta=False, tta_shift=0):
     """Mean cross-entropy and accuracy over ``loader`` (in order); optionally every prediction.
 
