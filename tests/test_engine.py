@@ -8,29 +8,33 @@ from core.engine import evaluate, format_test_line, tta_views
 from tests.conftest import synthetic_images
 
 
-def test_evaluate_matches_a_direct_computation_with_and_without_tta():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 10))
-    images, labels = synthetic_images(30, seed=0)
-    loader = DeviceLoader(Split(images, labels), torch.device("cpu"), 8, [0.5] * 3, [0.25] * 3, train=False)
-    x = torch.cat([b for b, _ in loader])
-    y = torch.from_numpy(labels)
-    with torch.no_grad():
-        for tta, logits in ((False, model(x)), (True, (model(x) + model(x.flip(3))) / 2)):
-            result = evaluate(model, loader, torch.device("cpu"), None, keep_predictions=True, tta=tta)
-            assert abs(result["loss"] - F.cross_entropy(logits, y).item()) < 1e-5
-            assert result["correct"] == int((logits.argmax(1) == y).sum())
-            assert torch.equal(result["predictions"], logits.argmax(1))
-    assert format_test_line({"loss": 0.33371, "correct": 9048, "total": 10000, "acc": 90.48}) == \
-        "Test set: Average loss: 0.3337, Accuracy: 9048/10000 (90.48%)"
-
-
 def shifted(x, dy, dx):
     """x moved down by dy and right by dx pixels (negative: up/left), reflect-padded: the reference."""
     p = max(abs(dy), abs(dx))
     padded = F.pad(x, (p, p, p, p), mode="reflect")
     h, w = x.shape[-2:]
     return padded[..., p - dy:p - dy + h, p - dx:p - dx + w]
+
+
+def test_evaluate_matches_a_direct_computation_without_tta_with_flip_and_with_shifts():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 10))
+    images, labels = synthetic_images(30, seed=0)
+    loader = DeviceLoader(Split(images, labels), torch.device("cpu"), 8, [0.5] * 3, [0.25] * 3, train=False)
+    x = torch.cat([b for b, _ in loader])
+    y = torch.from_numpy(labels)
+    flipped = x.flip(3)
+    six_views = [x, flipped] + [shifted(v, d, d) for v in (x, flipped) for d in (1, -1)]
+    cases = ((False, 0, [x]), (True, 0, [x, flipped]), (True, 1, six_views))
+    with torch.no_grad():
+        for tta, shift, views in cases:
+            logits = sum(model(v) for v in views) / len(views)
+            result = evaluate(model, loader, torch.device("cpu"), None, keep_predictions=True, tta=tta, tta_shift=shift)
+            assert abs(result["loss"] - F.cross_entropy(logits, y).item()) < 1e-5
+            assert result["correct"] == int((logits.argmax(1) == y).sum())
+            assert torch.equal(result["predictions"], logits.argmax(1))
+    assert format_test_line({"loss": 0.33371, "correct": 9048, "total": 10000, "acc": 90.48}) == \
+        "Test set: Average loss: 0.3337, Accuracy: 9048/10000 (90.48%)"
 
 
 def test_shift_views_are_the_flip_views_moved_diagonally_both_ways():
@@ -43,22 +47,6 @@ def test_shift_views_are_the_flip_views_moved_diagonally_both_ways():
     assert len(unflipped) == 3 and torch.equal(unflipped[1], shifted(x, 1, 1)) and torch.equal(unflipped[2],
                                                                                                 shifted(x, -1, -1))
     assert len(tta_views(x)) == 1
-
-
-def test_evaluate_with_shift_tta_averages_all_six_views():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 10))
-    images, labels = synthetic_images(30, seed=1)
-    loader = DeviceLoader(Split(images, labels), torch.device("cpu"), 8, [0.5] * 3, [0.25] * 3, train=False)
-    x = torch.cat([b for b, _ in loader])
-    y = torch.from_numpy(labels)
-    flipped = x.flip(3)
-    views = [x, flipped] + [shifted(v, d, d) for v in (x, flipped) for d in (1, -1)]
-    with torch.no_grad():
-        logits = sum(model(v) for v in views) / 6
-        result = evaluate(model, loader, torch.device("cpu"), None, keep_predictions=True, tta=True, tta_shift=1)
-    assert abs(result["loss"] - F.cross_entropy(logits, y).item()) < 1e-5
-    assert torch.equal(result["predictions"], logits.argmax(1))
 
 
 class GradModeProbe(torch.nn.Module):
