@@ -62,8 +62,8 @@ def range_test_main(args):
     print(s.summary)
     record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
                          start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
-                         optimizer_name=train_args.optimizer, method=args.method, val_loader=s.test_loader if args.val else None,
-                         settings=plain_args(args))
+                         optimizer_name=train_args.optimizer, method=args.method,
+                         val_loader=s.test_loader if args.val else None, settings=plain_args(args))
     steps = len(record["lrs"])
     stop = f", stopped at step {record['diverged_at']} as the loss diverged" if record["diverged_at"] is not None else ""
     print(f"\nRange test: {steps} steps from {record['lrs'][0]:.3g} to {record['lrs'][-1]:.3g}{stop}")

@@ -23,15 +23,15 @@ sweep from 0.01 read a max LR of 0.69, and the one-cycle run that started at a t
 (0.069) already blew up in its first epoch (train loss 6.0), crawled to 31% and ended at 33%,
 while the same network with a peak of 0.025 reached 90%.
 
-The default reading depends on the optimizer (``DEFAULT_READING``), because the two fail in
-opposite directions, as measured on the full ResNet sweep at batch 512:
+The default reading depends on the optimizer (``DEFAULT_READING``): SGD and Adam want different
+margins. Measured on the full ResNet sweep at batch 512:
 
 * SGD (Nesterov, BN, weight decay) at the one-cycle peak: ``min_div_2``, and lr_min three decades
   below it. The sweep's minimum sat at 0.40-0.46, right at the hand-tuned peak of 0.4 (91.77%);
   ``conservative`` read 0.0285, and 24 epochs from 0.0285 down to 0.00285 underfit to 88.92%.
   With BN and weight decay the weights' scale keeps shrinking, so SGD tolerates, and needs, a
-  peak close to where the short sweep turns up; halving leaves a factor of two between the
-  peak and the turn, which is where the raw (unlagged) loss started rising on that sweep. The
+  peak close to where the short sweep turns up. Halving leaves a factor of two between the
+  peak and the turn (on that sweep the raw loss, free of the smoothing lag, rose from 0.35). The
   three-decade floor is the hand-tuned recipe's (0.4 -> 0.0004): the one-cycle warms up from
   almost nothing, so its first steps never meet the LR that blew up seed 000's first epoch,
   and it anneals to almost nothing at the end.
