@@ -40,8 +40,8 @@ def keep_freed_memory(device):
     hundreds of MiB of new pages. On the 2-core dev box this was 42 s of kernel time in a 107 s
     run, and keeping the memory raised training from 288 to 378 images/s, with the same numbers
     out. The price is memory: a bare loop of those steps holds 2.0 GiB instead of 0.9 GiB, and
-    a full 24-epoch run's process settled at 3.2 GiB and stayed there. GPU memory is untouched. This does nothing off Linux or off the CPU.
-    Returns whether the setting took.
+    a full 24-epoch run's process settled at 3.2 GiB and stayed there. GPU memory is untouched:
+    this does nothing off Linux or off the CPU. Returns whether the setting took.
     """
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
