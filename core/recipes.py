@@ -6,6 +6,7 @@ Everything else (data, engine, outputs, CLI flags) is shared, so a script is a r
 from dataclasses import dataclass, field
 
 from . import augment
+from .cli import non_negative_int
 
 
 def receptive_field_report(model):
@@ -33,7 +34,8 @@ class Recipe:
     def model_kwargs(self, values):
         """The model's constructor keywords out of the flags (a dict such as vars(args))."""
         dests = (flag.lstrip("-").replace("-", "_") for flag, _ in self.model_flags)
-        return {d: values[d] for d in dests}
+        # A checkpoint older than a flag lacks it: the constructor's default rebuilds that model.
+        return {d: values[d] for d in dests if d in values}
 
 
 RECIPES = {
@@ -42,6 +44,10 @@ RECIPES = {
         "Train the custom ResNet (Page's ResNet-9 layout) on CIFAR-10 with a one-cycle policy.",
         dict(epochs=24, batch_size=512, lr_max=0.4, lr_min=0.0004, optimizer="sgd", cycle_momentum=False,
              weight_decay=5e-4, label_smoothing=0.2, tta=True),
+        model_flags=(
+            ("--ghost-batch", dict(type=non_negative_int, default=0, metavar="N",
+                                   help="BN statistics over slices of N images while training (0: the whole batch)")),
+        ),
     ),
     "dilated": Recipe(
         "dilated", augment.dilated_recipe,

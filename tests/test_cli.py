@@ -136,11 +136,30 @@ def test_non_positive_numbers_are_refused_by_the_parser(data, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-def test_a_tta_shift_past_the_padding_limit_is_refused(data, tmp_path, capsys):
+@pytest.mark.parametrize("flags", [["--tta-shift", "9"], ["--ghost-batch", "-1"], ["--ghost-batch", "8.5"]])
+def test_out_of_range_model_and_evaluation_flags_are_refused(data, tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exit_info:
-        train_resnet.main(tiny(data, tmp_path / "out", "--tta-shift", "9"))
+        train_resnet.main(tiny(data, tmp_path / "out", *flags))
     assert exit_info.value.code == 2
-    assert "--tta-shift" in one_error_line(capsys)
+    assert flags[0] in one_error_line(capsys)
+
+
+def test_ghost_batch_trains_another_model_and_evaluation_loads_checkpoints_without_the_flag(
+        data, full_run, tmp_path, capsys):
+    """--ghost-batch changes training only; a checkpoint written before the flag existed has no
+    ghost_batch in its args and must still evaluate (as the plain-BN model it is)."""
+    assert train_resnet.main(tiny(data, tmp_path / "ghost", "--ghost-batch", "16")) == 0
+    ghost = load_checkpoint(tmp_path / "ghost" / "last.pt", "resnet")
+    assert ghost["args"]["ghost_batch"] == 16 and metrics(tmp_path / "ghost")["ghost_batch"] == 16
+    straight = metrics(full_run)["history"][0]
+    assert metrics(tmp_path / "ghost")["history"][0]["train_loss"] != straight["train_loss"]
+    old = load_checkpoint(full_run / "best.pt", "resnet")
+    del old["args"]["ghost_batch"]
+    save_checkpoint(tmp_path / "old.pt", old)
+    capsys.readouterr()
+    assert train_resnet.main(["--eval-only", "--resume", str(tmp_path / "old.pt"), "--data", str(data),
+                              "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none"]) == 0
+    assert "Test set: Average loss: " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [

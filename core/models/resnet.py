@@ -8,21 +8,25 @@ parameters. Softmax lives in the loss.
 
 from torch import nn
 
+from .norm import GhostBatchNorm2d
 
-def conv_bn(c_in, c_out, pool=False):
+
+def conv_bn(c_in, c_out, pool=False, ghost_batch=0):
     layers = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    norm = GhostBatchNorm2d(c_out, ghost_batch) if ghost_batch else nn.BatchNorm2d(c_out)
+    layers += [norm, nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
 class ResBlock(nn.Module):
     """Two conv-BN-ReLU units whose output is added to the block's input."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, ghost_batch=0):
         super().__init__()
-        self.res = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
+        self.res = nn.Sequential(conv_bn(channels, channels, ghost_batch=ghost_batch),
+                                 conv_bn(channels, channels, ghost_batch=ghost_batch))
 
     def forward(self, x):
         return x + self.res(x)
@@ -30,15 +34,17 @@ class ResBlock(nn.Module):
 
 class CustomResNet(nn.Module):
     """``logit_scale`` multiplies the logits (Page's trick: 0.125 keeps the initial softmax
-    soft, so high peak LRs do not blow up the first steps); it has no parameters."""
+    soft, so high peak LRs do not blow up the first steps); it has no parameters.
+    ``ghost_batch`` > 0 swaps every BatchNorm2d for a GhostBatchNorm2d over slices of that
+    many images; the parameters and the evaluation-time network are unchanged."""
 
-    def __init__(self, num_classes=10, width=64, logit_scale=0.125):
+    def __init__(self, num_classes=10, width=64, logit_scale=0.125, ghost_batch=0):
         super().__init__()
-        w = width
-        self.prep = conv_bn(3, w)
-        self.layer1 = nn.Sequential(conv_bn(w, 2 * w, pool=True), ResBlock(2 * w))
-        self.layer2 = conv_bn(2 * w, 4 * w, pool=True)
-        self.layer3 = nn.Sequential(conv_bn(4 * w, 8 * w, pool=True), ResBlock(8 * w))
+        w, g = width, ghost_batch
+        self.prep = conv_bn(3, w, ghost_batch=g)
+        self.layer1 = nn.Sequential(conv_bn(w, 2 * w, pool=True, ghost_batch=g), ResBlock(2 * w, g))
+        self.layer2 = conv_bn(2 * w, 4 * w, pool=True, ghost_batch=g)
+        self.layer3 = nn.Sequential(conv_bn(4 * w, 8 * w, pool=True, ghost_batch=g), ResBlock(8 * w, g))
         self.pool = nn.MaxPool2d(4)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(8 * w, num_classes)
