@@ -92,7 +92,8 @@ def plot_range_test(lrs, losses, raw_losses, suggestions, bounds, diverged_at, m
     ax.axvline(bounds["lr_min"], color="k", ls=":", lw=1.2, label=f"lr_min: {bounds['lr_min']:.3g}")
     finite = np.asarray(losses, dtype=float)[np.isfinite(losses)]
     top = min(finite.max(), finite[0] + 1.5 * (finite[0] - finite.min()) + 0.05)  # the tail may shoot off
-    ax.set_ylim(finite.min() - 0.05 * (top - finite.min()), top)
+    low = min(finite.min(), np.nanmin(raw))  # the raw loss dips below the smoothed one: keep its turn in view
+    ax.set_ylim(low - 0.05 * (top - low), top)
     stop = f", stopped at step {diverged_at} (diverged)" if diverged_at is not None else ""
     ax.set(xlabel="learning rate", ylabel="loss",
            title=f"LR range test: lr_max {bounds['lr_max']:.3g} ({bounds['method']}){stop}")

@@ -1,0 +1,19 @@
+"""What the range-test figure shows: its y-range keeps the raw loss's dip and drops the diverging tail."""
+
+import numpy as np
+
+from core import plots
+
+
+def test_range_test_frame_holds_the_raw_dip_but_not_the_diverging_tail(tmp_path, monkeypatch):
+    lrs = np.geomspace(1e-4, 10, 50)
+    smoothed = np.concatenate([np.linspace(2.3, 1.5, 40), np.linspace(1.6, 40.0, 10)])
+    raw = smoothed + np.where(np.arange(50) == 38, -0.6, 0.0)  # one raw step far below the smoothed curve
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    bounds = {"lr_max": 0.1, "lr_min": 1e-4, "method": "min_div_2"}
+    plots.plot_range_test(lrs, smoothed, raw, {"min_div_2": 0.1}, bounds, None, "exp", tmp_path / "f.png")
+    low, high = figures[0].axes[0].get_ylim()
+    plots._pyplot().close(figures[0])
+    assert low < raw.min() < smoothed.min()
+    assert high < 10, "the diverging tail would squash the curve"
