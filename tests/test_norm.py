@@ -43,6 +43,16 @@ def test_running_statistics_are_the_slice_averages():
     assert layer.num_batches_tracked.item() == 1
 
 
+def test_momentum_none_keeps_the_cumulative_average_of_the_slice_statistics():
+    layer = GhostBatchNorm2d(5, 16, momentum=None)
+    xs = [batch(48, seed=s) for s in range(3)]
+    for x in xs:
+        layer(x)
+    slices = np.stack([x.numpy().reshape(3, 16, 5, 6, 6) for x in xs])
+    np.testing.assert_allclose(layer.running_mean.numpy(), slices.mean(axis=(0, 2, 4, 5)).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(layer.running_var.numpy(), slices.var(axis=(2, 4, 5), ddof=1).mean((0, 1)), rtol=1e-5)
+
+
 def test_matches_batchnorm_when_the_slice_holds_the_batch_and_in_eval():
     x = batch(32)
     ghost, plain = GhostBatchNorm2d(5, 32), nn.BatchNorm2d(5)

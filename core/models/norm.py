@@ -37,9 +37,11 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             means.append(mean)
             variances.append(var)
         with torch.no_grad():
-            self.running_mean.lerp_(torch.stack(means).mean(0), self.momentum)
-            self.running_var.lerp_(torch.stack(variances).mean(0), self.momentum)
             self.num_batches_tracked += 1
+            # momentum=None means a cumulative average, as in BatchNorm2d.
+            weight = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+            self.running_mean.lerp_(torch.stack(means).mean(0), weight)
+            self.running_var.lerp_(torch.stack(variances).mean(0), weight)
         return torch.cat(outputs)
 
     def extra_repr(self):
