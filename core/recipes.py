@@ -47,6 +47,9 @@ RECIPES = {
         model_flags=(
             ("--ghost-batch", dict(type=non_negative_int, default=0, metavar="N",
                                    help="BN statistics over slices of N images while training (0: the whole batch)")),
+            ("--whiten", dict(action="store_true",
+                              help="the prep conv learns in a whitened basis of 3x3 patches, fitted to the training "
+                                   "images (same conv and parameter count, preconditioned)")),
         ),
     ),
     "dilated": Recipe(

@@ -19,6 +19,7 @@ from .device import keep_freed_memory, make_scaler, pick_amp, pick_device
 from .engine import NonFiniteLoss, evaluate, format_test_line, train_epoch
 from .errors import UserError
 from .models import build_model
+from .models.whitening import fit_whitening
 from .outputs import atomic_write_text, write_history_csv, write_json
 from .range_test import find_bounds, load_bounds
 from .schedule import one_cycle_for_recipe, trace
@@ -144,13 +145,14 @@ class Setup:
                             f"lower it or enlarge --train-subset")
         self.mean, self.std = channel_stats(self.train.images)
         self.model = build_model(recipe.name, **recipe.model_kwargs(vars(args))).to(self.device)
+        self.train_loader = DeviceLoader(self.train, self.device, args.batch_size, self.mean, self.std, train=True,
+                                         augment=recipe.augment, order_generator=self.order_gen,
+                                         aug_generator=self.aug_gen, channels_last=args.channels_last)
+        fit_whitening(self.model, self.train_loader)
         self.summary, self.params = summary_table(self.model)
         self.report = recipe.report(self.model) if recipe.report else None
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.train_loader = DeviceLoader(self.train, self.device, args.batch_size, self.mean, self.std, train=True,
-                                         augment=recipe.augment, order_generator=self.order_gen,
-                                         aug_generator=self.aug_gen, channels_last=args.channels_last)
         self.test_loader = DeviceLoader(self.test, self.device, args.eval_batch_size, self.mean, self.std,
                                         train=False, channels_last=args.channels_last)
         # The LR here is a placeholder: the schedule (or the range test) sets it every step.

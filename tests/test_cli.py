@@ -162,6 +162,22 @@ def test_ghost_batch_trains_another_model_and_evaluation_loads_checkpoints_witho
     assert "Test set: Average loss: " in capsys.readouterr().out
 
 
+def test_whiten_fits_the_basis_to_the_data_and_evaluation_restores_it(data, full_run, tmp_path, capsys):
+    """Evaluation builds the model without training data, so only the saved basis can give back
+    the accuracy the run measured."""
+    out = tmp_path / "whiten"
+    assert train_resnet.main(tiny(data, out, "--whiten")) == 0
+    ckpt = load_checkpoint(out / "best.pt", "resnet")
+    assert ckpt["args"]["whiten"] is True and metrics(out)["whiten"] is True
+    assert not torch.equal(ckpt["model"]["prep.0.basis"], torch.eye(27))
+    assert metrics(out)["history"][0]["train_loss"] != metrics(full_run)["history"][0]["train_loss"]
+    capsys.readouterr()
+    assert train_resnet.main(["--eval-only", "--resume", str(out / "best.pt"), "--data", str(data),
+                              "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["test_acc"] == metrics(out)["best_test_acc"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--max-at-epoch", "5"], "--max-at-epoch 5.0 must lie strictly between 0 and --epochs 3"),
     (["--lr-min", "0.5"], "must be below --lr-max"),

@@ -9,10 +9,12 @@ parameters. Softmax lives in the loss.
 from torch import nn
 
 from .norm import GhostBatchNorm2d
+from .whitening import WhitenedConv2d
 
 
-def conv_bn(c_in, c_out, pool=False, ghost_batch=0):
-    layers = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
+def conv_bn(c_in, c_out, pool=False, ghost_batch=0, whiten=False):
+    conv = WhitenedConv2d(c_in, c_out) if whiten else nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
+    layers = [conv]
     if pool:
         layers.append(nn.MaxPool2d(2))
     norm = GhostBatchNorm2d(c_out, ghost_batch) if ghost_batch else nn.BatchNorm2d(c_out)
@@ -36,12 +38,14 @@ class CustomResNet(nn.Module):
     """``logit_scale`` multiplies the logits (Page's trick: 0.125 keeps the initial softmax
     soft, so high peak LRs do not blow up the first steps); it has no parameters.
     ``ghost_batch`` > 0 swaps every BatchNorm2d for a GhostBatchNorm2d over slices of that
-    many images; the parameters and the evaluation-time network are unchanged."""
+    many images; the parameters and the evaluation-time network are unchanged.
+    ``whiten`` makes the prep conv a WhitenedConv2d: the same conv3x3 and parameter count,
+    learning in a whitened patch basis that ``fit_whitening`` sets from the training images."""
 
-    def __init__(self, num_classes=10, width=64, logit_scale=0.125, ghost_batch=0):
+    def __init__(self, num_classes=10, width=64, logit_scale=0.125, ghost_batch=0, whiten=False):
         super().__init__()
         w, g = width, ghost_batch
-        self.prep = conv_bn(3, w, ghost_batch=g)
+        self.prep = conv_bn(3, w, ghost_batch=g, whiten=whiten)
         self.layer1 = nn.Sequential(conv_bn(w, 2 * w, pool=True, ghost_batch=g), ResBlock(2 * w, g))
         self.layer2 = conv_bn(2 * w, 4 * w, pool=True, ghost_batch=g)
         self.layer3 = nn.Sequential(conv_bn(4 * w, 8 * w, pool=True, ghost_batch=g), ResBlock(8 * w, g))
