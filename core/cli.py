@@ -121,6 +121,9 @@ def build_train_parser(recipe):
                    help="run the momentum (Adam: beta1) 0.95 -> 0.85 -> 0.95 against the LR; "
                         "--no-cycle-momentum keeps it at 0.9")
     g.add_argument("--weight-decay", type=non_negative_float, help="L2 weight decay")
+    g.add_argument("--bias-lr-scale", type=positive_float, default=1.0, metavar="K",
+                   help="train biases (BN shifts, the FC bias) at K times the LR with weight decay / K "
+                        "(Page's bag of tricks: 64)")
     g.add_argument("--label-smoothing", type=non_negative_float, help="label smoothing of the training loss")
     g.add_argument("--runs", type=positive_int, default=1,
                    help="train N times with seeds seed..seed+N-1 and report mean, std, min and max accuracy")

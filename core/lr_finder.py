@@ -128,11 +128,11 @@ def range_test(model, optimizer, loss_fn, train_batches, *, start_lr=1e-7, end_l
 
     ``train_batches`` is re-iterable (a list, or a loader that starts a new epoch on each
     ``__iter__``) of (x, y) batches already on ``device``; it is cycled if num_iter is longer.
-    Every param group trains at the same LR. In 'train' mode the loss recorded for a step is
-    that step's batch loss, measured before its update; with ``val_batches`` it is the mean loss
-    over them after the update, in eval mode. The sweep stops once the smoothed loss exceeds
-    ``diverge`` times the best so far, or stops being finite. Everything the sweep changes is
-    restored afterwards, even if it raises.
+    Every param group trains at the swept LR times its ``lr_scale`` (1 when absent). In 'train'
+    mode the loss recorded for a step is that step's batch loss, measured before its update; with
+    ``val_batches`` it is the mean loss over them after the update, in eval mode. The sweep
+    stops once the smoothed loss exceeds ``diverge`` times the best so far, or stops being
+    finite. Everything the sweep changes is restored afterwards, even if it raises.
     """
     schedule = lr_schedule(start_lr, end_lr, num_iter, mode)
     if scaler is None:
@@ -145,7 +145,7 @@ def range_test(model, optimizer, loss_fn, train_batches, *, start_lr=1e-7, end_l
         model.train()
         for i, (lr, (x, y)) in enumerate(zip(schedule, _cycle(train_batches))):
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss, _ = train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler)
             if val_batches is None:
                 raw = loss.item()

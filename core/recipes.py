@@ -50,6 +50,8 @@ RECIPES = {
             ("--whiten", dict(action="store_true",
                               help="the prep conv learns in a whitened basis of 3x3 patches, fitted to the training "
                                    "images (same conv and parameter count, preconditioned)")),
+            ("--freeze-bn-scale", dict(action="store_true",
+                                       help="keep every BN scale at 1 instead of training it (Page's bag of tricks)")),
         ),
     ),
     "dilated": Recipe(

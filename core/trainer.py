@@ -74,10 +74,27 @@ def take(split, n):
     return Split(split.images[idx], split.labels[idx])
 
 
-def make_optimizer(name, model, lr, weight_decay):
+def param_groups(model, weight_decay, bias_lr_scale=1.0):
+    """The trainable parameters, with the biases in a group of their own when ``bias_lr_scale`` != 1.
+
+    A bias (BN shifts, the FC bias) is not followed by a normalization, so unlike a conv weight
+    its LR sets how fast it moves in units of the activations. Page's bag of tricks trains them
+    at 64x the LR with weight decay divided by 64, which keeps their decay per step unchanged.
+    Each group's ``lr_scale`` is the multiple of the schedule's LR that it trains at.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if bias_lr_scale == 1:
+        return [{"params": [p for _, p in named], "weight_decay": weight_decay, "lr_scale": 1.0}]
+    return [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": weight_decay / bias_lr_scale,
+             "lr_scale": bias_lr_scale}]
+
+
+def make_optimizer(name, model, lr, weight_decay, bias_lr_scale=1.0):
+    groups = param_groups(model, weight_decay, bias_lr_scale)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.Adam(groups, lr=lr)
 
 
 def rng_state(order_gen, aug_gen):
@@ -156,7 +173,8 @@ class Setup:
         self.test_loader = DeviceLoader(self.test, self.device, args.eval_batch_size, self.mean, self.std,
                                         train=False, channels_last=args.channels_last)
         # The LR here is a placeholder: the schedule (or the range test) sets it every step.
-        self.optimizer = make_optimizer(args.optimizer, self.model, 0.0, args.weight_decay)
+        self.optimizer = make_optimizer(args.optimizer, self.model, 0.0, args.weight_decay,
+                                        args.bias_lr_scale)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     def print_summary(self, recipe, out):

@@ -232,3 +232,18 @@ def test_real_process_exits_non_zero_without_a_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: data path") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_frozen_bn_scales_and_bias_lr_scale(data, full_run, tmp_path):
+    """The BN scales stay exactly 1 through training, and the bias group trains at 64x the
+    weights' LR with weight decay / 64."""
+    out = tmp_path / "tricks"
+    assert train_resnet.main(tiny(data, out, "--freeze-bn-scale", "--bias-lr-scale", "64")) == 0
+    ckpt = load_checkpoint(out / "last.pt", "resnet")
+    scales = [v for k, v in ckpt["model"].items() if k.endswith(".weight") and v.ndim == 1]
+    assert len(scales) == 8 and all(torch.equal(s, torch.ones_like(s)) for s in scales)
+    weights, biases = ckpt["optimizer"]["param_groups"]
+    assert biases["lr"] == pytest.approx(64 * weights["lr"])
+    assert biases["weight_decay"] == pytest.approx(weights["weight_decay"] / 64)
+    assert "Non-trainable params: 2,240" in (out / "summary.txt").read_text()
+    assert metrics(out)["history"][0]["train_loss"] != metrics(full_run)["history"][0]["train_loss"]

@@ -443,3 +443,23 @@ def test_suggestions_from_a_real_sweep():
                         end_lr=100, num_iter=40, smooth=0.8, device=CPU)
     bounds = suggest_bounds(result.lrs, result.losses, "sgd")
     assert 0 < bounds["lr_min"] < bounds["lr_max"] <= result.lrs[int(np.argmin(result.losses))]
+
+
+def test_each_param_group_sweeps_at_its_lr_scale():
+    """A bias group trained at 64x the LR (--bias-lr-scale) keeps that ratio during the sweep."""
+    from core.trainer import make_optimizer as trainer_optimizer
+
+    model = TinyNet(dropout=0.0)
+    opt = trainer_optimizer("sgd", model, 0.0, 5e-4, bias_lr_scale=64.0)
+    seen = []
+    step = opt.step
+
+    def recording_step(*args, **kwargs):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return step(*args, **kwargs)
+
+    opt.step = recording_step
+    result = range_test(model, opt, nn.CrossEntropyLoss(), batches(2), start_lr=1e-4, end_lr=1e-2, num_iter=5,
+                        device=CPU)
+    assert [lrs[0] for lrs in seen] == result.lrs
+    assert [lrs[1] for lrs in seen] == pytest.approx([64 * lr for lr in result.lrs], rel=1e-12)

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from core.models import build_model
+from core.models.norm import GhostBatchNorm2d
 from core.models.resnet import CustomResNet, ResBlock
 from core.summary import summary_table
 
@@ -59,3 +60,21 @@ def test_summary_table_rows_totals_and_untouched_bn_statistics():
     assert any(line.strip().startswith("ResBlock-") for line in lines)
     assert not any("Sequential" in line for line in lines)
     assert "Total params: 6,573,130" in table and "Params size (MB): 25.07" in table
+
+
+def test_frozen_bn_scale_keeps_the_parameters_but_stops_training_them():
+    plain, frozen = CustomResNet(), CustomResNet(freeze_bn_scale=True)
+    assert sum(p.numel() for p in frozen.parameters()) == sum(p.numel() for p in plain.parameters()) == 6_573_130
+    norms = [m for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 8
+    assert all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
+    assert all(m.weight.requires_grad for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    frozen(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(m.weight.grad is None and m.bias.grad is not None for m in norms)
+    assert set(frozen.state_dict()) == set(plain.state_dict()), "checkpoints stay interchangeable"
+
+
+def test_frozen_bn_scale_applies_to_ghost_batch_norm_too():
+    model = CustomResNet(ghost_batch=2, freeze_bn_scale=True)
+    norms = [m for m in model.modules() if isinstance(m, GhostBatchNorm2d)]
+    assert len(norms) == 8 and not any(m.weight.requires_grad for m in norms)

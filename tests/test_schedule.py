@@ -85,3 +85,22 @@ def test_recipe_schedule_without_momentum_cycling_keeps_the_optimizers_momentum(
     lrs, moms = trace(sched, sched.total_steps)
     assert max(lrs) == pytest.approx(0.4) and lrs[-1] == pytest.approx(0.0004)
     assert set(moms) == {0.9}
+
+
+def test_recipe_schedule_runs_each_group_at_its_lr_scale():
+    """A bias group with lr_scale 64 follows the same cycle at 64x, step for step."""
+    params = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 1.0},
+              {"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 64.0}]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+    sched = one_cycle_for_recipe(opt, lr_max=0.4, lr_min=0.0004, epochs=4, steps_per_epoch=10, max_at_epoch=1,
+                                 cycle_momentum=False)
+    ref_opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(2)], lr=0.1)
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=[0.4, 0.4 * 64], total_steps=40, pct_start=0.25,
+                                              anneal_strategy="linear", div_factor=1000, final_div_factor=1.0,
+                                              cycle_momentum=False)
+    for _ in range(39):
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([g["lr"] for g in ref_opt.param_groups], rel=1e-9)
+        assert opt.param_groups[1]["lr"] == pytest.approx(64 * opt.param_groups[0]["lr"], rel=1e-12)
+        ref_opt.step()
+        ref.step()
+        sched.step()

@@ -6,29 +6,41 @@ Convs have no bias (the BN that follows would cancel it), which gives the seed's
 parameters. Softmax lives in the loss.
 """
 
+from functools import partial
+
 from torch import nn
 
 from .norm import GhostBatchNorm2d
 from .whitening import WhitenedConv2d
 
 
-def conv_bn(c_in, c_out, pool=False, ghost_batch=0, whiten=False):
+def batch_norm(channels, ghost_batch=0, frozen_scale=False):
+    """BatchNorm2d (or its ghost variant); ``frozen_scale`` fixes the scales at 1, untrained.
+
+    Page's bag of tricks found the learned scales drifting to a common value, so nothing is lost
+    by fixing them, and weight decay then has only the conv weights and shifts to act on. Before
+    a ReLU a positive per-channel scale is redundant anyway: the next conv can absorb it.
+    """
+    norm = GhostBatchNorm2d(channels, ghost_batch) if ghost_batch else nn.BatchNorm2d(channels)
+    norm.weight.requires_grad_(not frozen_scale)
+    return norm
+
+
+def conv_bn(c_in, c_out, norm=batch_norm, pool=False, whiten=False):
     conv = WhitenedConv2d(c_in, c_out) if whiten else nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
     layers = [conv]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    norm = GhostBatchNorm2d(c_out, ghost_batch) if ghost_batch else nn.BatchNorm2d(c_out)
-    layers += [norm, nn.ReLU(inplace=True)]
+    layers += [norm(c_out), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
 class ResBlock(nn.Module):
     """Two conv-BN-ReLU units whose output is added to the block's input."""
 
-    def __init__(self, channels, ghost_batch=0):
+    def __init__(self, channels, norm=batch_norm):
         super().__init__()
-        self.res = nn.Sequential(conv_bn(channels, channels, ghost_batch=ghost_batch),
-                                 conv_bn(channels, channels, ghost_batch=ghost_batch))
+        self.res = nn.Sequential(conv_bn(channels, channels, norm), conv_bn(channels, channels, norm))
 
     def forward(self, x):
         return x + self.res(x)
@@ -40,15 +52,18 @@ class CustomResNet(nn.Module):
     ``ghost_batch`` > 0 swaps every BatchNorm2d for a GhostBatchNorm2d over slices of that
     many images; the parameters and the evaluation-time network are unchanged.
     ``whiten`` makes the prep conv a WhitenedConv2d: the same conv3x3 and parameter count,
-    learning in a whitened patch basis that ``fit_whitening`` sets from the training images."""
+    learning in a whitened patch basis that ``fit_whitening`` sets from the training images.
+    ``freeze_bn_scale`` keeps every BN scale at 1 (still counted, no longer trained)."""
 
-    def __init__(self, num_classes=10, width=64, logit_scale=0.125, ghost_batch=0, whiten=False):
+    def __init__(self, num_classes=10, width=64, logit_scale=0.125, ghost_batch=0, whiten=False,
+                 freeze_bn_scale=False):
         super().__init__()
-        w, g = width, ghost_batch
-        self.prep = conv_bn(3, w, ghost_batch=g, whiten=whiten)
-        self.layer1 = nn.Sequential(conv_bn(w, 2 * w, pool=True, ghost_batch=g), ResBlock(2 * w, g))
-        self.layer2 = conv_bn(2 * w, 4 * w, pool=True, ghost_batch=g)
-        self.layer3 = nn.Sequential(conv_bn(4 * w, 8 * w, pool=True, ghost_batch=g), ResBlock(8 * w, g))
+        w = width
+        norm = partial(batch_norm, ghost_batch=ghost_batch, frozen_scale=freeze_bn_scale)
+        self.prep = conv_bn(3, w, norm, whiten=whiten)
+        self.layer1 = nn.Sequential(conv_bn(w, 2 * w, norm, pool=True), ResBlock(2 * w, norm))
+        self.layer2 = conv_bn(2 * w, 4 * w, norm, pool=True)
+        self.layer3 = nn.Sequential(conv_bn(4 * w, 8 * w, norm, pool=True), ResBlock(8 * w, norm))
         self.pool = nn.MaxPool2d(4)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(8 * w, num_classes)
