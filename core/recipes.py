@@ -6,7 +6,7 @@ Everything else (data, engine, outputs, CLI flags) is shared, so a script is a r
 from dataclasses import dataclass, field
 
 from . import augment
-from .cli import non_negative_int
+from .cli import non_negative_float, non_negative_int
 
 
 def receptive_field_report(model):
@@ -52,6 +52,9 @@ RECIPES = {
                                    "images (same conv and parameter count, preconditioned)")),
             ("--freeze-bn-scale", dict(action="store_true",
                                        help="keep every BN scale at 1 instead of training it (Page's bag of tricks)")),
+            ("--celu-alpha", dict(type=non_negative_float, default=0.0, metavar="ALPHA",
+                                  help="variant: CELU(ALPHA) instead of every ReLU (Page's bag of tricks: 0.3); "
+                                       "0 keeps the spec's ReLU")),
         ),
     ),
     "dilated": Recipe(

@@ -137,7 +137,7 @@ def test_non_positive_numbers_are_refused_by_the_parser(data, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("flags", [["--tta-shift", "9"], ["--ghost-batch", "-1"], ["--ghost-batch", "8.5"],
-                                   ["--bias-lr-scale", "0"]])
+                                   ["--celu-alpha", "-0.3"], ["--bias-lr-scale", "0"]])
 def test_out_of_range_model_and_evaluation_flags_are_refused(data, tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exit_info:
         train_resnet.main(tiny(data, tmp_path / "out", *flags))

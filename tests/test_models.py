@@ -78,3 +78,20 @@ def test_frozen_bn_scale_applies_to_ghost_batch_norm_too():
     model = CustomResNet(ghost_batch=2, freeze_bn_scale=True)
     norms = [m for m in model.modules() if isinstance(m, GhostBatchNorm2d)]
     assert len(norms) == 8 and not any(m.weight.requires_grad for m in norms)
+
+
+def test_celu_alpha_swaps_every_relu_and_nothing_else():
+    plain, celu = CustomResNet(), CustomResNet(celu_alpha=0.3)
+    assert [type(m) for m in plain.modules()].count(nn.ReLU) == 8
+    swapped = [m for m in celu.modules() if isinstance(m, nn.CELU)]
+    assert len(swapped) == 8 and all(m.alpha == 0.3 for m in swapped)
+    assert not any(isinstance(m, nn.ReLU) for m in celu.modules())
+    celu.load_state_dict(plain.state_dict())  # same parameters, so checkpoints load either way
+    x = torch.randn(4, 3, 32, 32)
+    out = celu(x)
+    out.sum().backward()  # the in-place CELU must still backpropagate
+    assert not torch.allclose(out, plain(x)), "negative pre-activations now pass through"
+    with torch.no_grad():
+        nearly_relu = CustomResNet(celu_alpha=1e-6)
+        nearly_relu.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(nearly_relu(x), plain(x), rtol=1e-4, atol=1e-5)

@@ -27,21 +27,27 @@ def batch_norm(channels, ghost_batch=0, frozen_scale=False):
     return norm
 
 
-def conv_bn(c_in, c_out, norm=batch_norm, pool=False, whiten=False):
+def activation(celu_alpha=0.0):
+    """The spec's ReLU, or CELU(alpha) for ``celu_alpha`` > 0: Page's bag of tricks found the
+    smooth activation trains better with ghost batch norm."""
+    return nn.CELU(celu_alpha, inplace=True) if celu_alpha else nn.ReLU(inplace=True)
+
+
+def conv_bn(c_in, c_out, norm=batch_norm, pool=False, whiten=False, act=activation):
     conv = WhitenedConv2d(c_in, c_out) if whiten else nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
     layers = [conv]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    layers += [norm(c_out), nn.ReLU(inplace=True)]
+    layers += [norm(c_out), act()]
     return nn.Sequential(*layers)
 
 
 class ResBlock(nn.Module):
     """Two conv-BN-ReLU units whose output is added to the block's input."""
 
-    def __init__(self, channels, norm=batch_norm):
+    def __init__(self, channels, norm=batch_norm, act=activation):
         super().__init__()
-        self.res = nn.Sequential(conv_bn(channels, channels, norm), conv_bn(channels, channels, norm))
+        self.res = nn.Sequential(conv_bn(channels, channels, norm, act=act), conv_bn(channels, channels, norm, act=act))
 
     def forward(self, x):
         return x + self.res(x)
@@ -54,17 +60,19 @@ class CustomResNet(nn.Module):
     many images; the parameters and the evaluation-time network are unchanged.
     ``whiten`` makes the prep conv a WhitenedConv2d: the same conv3x3 and parameter count,
     learning in a whitened patch basis that ``fit_whitening`` sets from the training images.
-    ``freeze_bn_scale`` keeps every BN scale at 1 (still counted, no longer trained)."""
+    ``freeze_bn_scale`` keeps every BN scale at 1 (still counted, no longer trained).
+    ``celu_alpha`` > 0 swaps every ReLU for CELU(alpha), a variant of the spec's architecture."""
 
     def __init__(self, num_classes=10, width=64, logit_scale=0.125, ghost_batch=0, whiten=False,
-                 freeze_bn_scale=False):
+                 freeze_bn_scale=False, celu_alpha=0.0):
         super().__init__()
         w = width
         norm = partial(batch_norm, ghost_batch=ghost_batch, frozen_scale=freeze_bn_scale)
-        self.prep = conv_bn(3, w, norm, whiten=whiten)
-        self.layer1 = nn.Sequential(conv_bn(w, 2 * w, norm, pool=True), ResBlock(2 * w, norm))
-        self.layer2 = conv_bn(2 * w, 4 * w, norm, pool=True)
-        self.layer3 = nn.Sequential(conv_bn(4 * w, 8 * w, norm, pool=True), ResBlock(8 * w, norm))
+        act = partial(activation, celu_alpha)
+        self.prep = conv_bn(3, w, norm, whiten=whiten, act=act)
+        self.layer1 = nn.Sequential(conv_bn(w, 2 * w, norm, pool=True, act=act), ResBlock(2 * w, norm, act))
+        self.layer2 = conv_bn(2 * w, 4 * w, norm, pool=True, act=act)
+        self.layer3 = nn.Sequential(conv_bn(4 * w, 8 * w, norm, pool=True, act=act), ResBlock(8 * w, norm, act))
         self.pool = nn.MaxPool2d(4)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(8 * w, num_classes)
