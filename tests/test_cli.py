@@ -83,7 +83,8 @@ def test_log_has_the_seed_style_lines(data, tmp_path, capsys):
     assert "Total params: 6,573,130" in out
 
 
-def test_interrupted_run_resumes_to_the_same_result(data, full_run, tmp_path, monkeypatch):
+def interrupt_then_resume(data, out, monkeypatch, *flags):
+    """Ctrl-C during the second epoch, then --resume: the run must finish as if never stopped."""
     real_epoch = trainer.train_epoch
     calls = []
 
@@ -94,16 +95,35 @@ def test_interrupted_run_resumes_to_the_same_result(data, full_run, tmp_path, mo
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_epoch", interrupt_second_epoch)
-    assert train_resnet.main(tiny(data, tmp_path)) == 130
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert train_resnet.main(tiny(data, out, *flags)) == 130
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
     monkeypatch.setattr(trainer, "train_epoch", real_epoch)
-    assert train_resnet.main(["--resume", str(tmp_path / "last.pt"), "--no-progress"]) == 0
-    resumed, straight = metrics(tmp_path), metrics(full_run)
-    for key in ("test_acc", "test_loss", "train_loss"):
-        assert [h[key] for h in resumed["history"]] == [h[key] for h in straight["history"]], key
-    a = load_checkpoint(tmp_path / "last.pt")["model"]
-    b = load_checkpoint(full_run / "last.pt")["model"]
+    assert train_resnet.main(["--resume", str(out / "last.pt"), "--no-progress"]) == 0
+
+
+def assert_same_run(resumed, straight):
+    for key in ("test_acc", "test_loss", "train_loss", "lr"):
+        assert [h[key] for h in metrics(resumed)["history"]] == [h[key] for h in metrics(straight)["history"]], key
+    a = load_checkpoint(resumed / "last.pt")["model"]
+    b = load_checkpoint(straight / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_run_resumes_to_the_same_result(data, full_run, tmp_path, monkeypatch):
+    interrupt_then_resume(data, tmp_path, monkeypatch)
+    assert_same_run(tmp_path, full_run)
+
+
+def test_interrupted_run_with_two_param_groups_resumes_to_the_same_result(data, tmp_path, monkeypatch):
+    """The bag-of-tricks flags add a second optimizer group (64x LR biases), a whitening basis and
+    frozen BN scales; resuming must restore all of them from the checkpoint alone."""
+    tricks = ("--whiten", "--ghost-batch", "10", "--freeze-bn-scale", "--bias-lr-scale", "64", "--celu-alpha", "0.3")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_resnet.main(tiny(data, straight, *tricks)) == 0
+    interrupt_then_resume(data, resumed, monkeypatch, *tricks)
+    groups = load_checkpoint(resumed / "last.pt")["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [1.0, 64.0]
+    assert_same_run(resumed, straight)
 
 
 def test_eval_only_on_a_test_only_folder(full_run, tmp_path, capsys):
