@@ -17,6 +17,17 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """With ``--preset NAME``, parsing starts from a namespace holding the preset's values:
+        argparse fills in defaults only where the namespace has none, and a flag given on the
+        command line still overwrites it, so explicit flags win over the preset."""
+        presets = getattr(self, "presets", None)
+        if presets and namespace is None:
+            known, _ = self.parse_known_args(args)
+            if known.preset:
+                namespace = argparse.Namespace(**presets[known.preset])
+        return super().parse_args(args, namespace)
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default unless its help already explains it or there is none to show."""
@@ -102,6 +113,15 @@ def add_device_args(p):
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of tqdm bars")
 
 
+def format_preset(values):
+    """A preset as the command-line flags it stands for."""
+    flags = []
+    for dest, value in values.items():
+        flag = "--" + dest.replace("_", "-")
+        flags.append(flag if value is True else f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(flags)
+
+
 def build_train_parser(recipe):
     p = ArgumentParser(prog=recipe.script, description=recipe.description)
     add_data_args(p)
@@ -127,6 +147,11 @@ def build_train_parser(recipe):
     g.add_argument("--label-smoothing", type=non_negative_float, help="label smoothing of the training loss")
     g.add_argument("--runs", type=positive_int, default=1,
                    help="train N times with seeds seed..seed+N-1 and report mean, std, min and max accuracy")
+    if recipe.presets:
+        p.presets = recipe.presets
+        g.add_argument("--preset", choices=sorted(recipe.presets), default=None,
+                       help="start from a named set of flag values; flags given explicitly override it. " +
+                            "; ".join(f"{name}: {format_preset(values)}" for name, values in sorted(recipe.presets.items())))
     if recipe.model_flags:
         g = p.add_argument_group("model")
         for flag, kwargs in recipe.model_flags:

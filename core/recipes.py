@@ -23,6 +23,8 @@ class Recipe:
     defaults: dict = field(default_factory=dict)
     # (flag, argparse keywords): each flag's dest is a keyword of the model's constructor.
     model_flags: tuple = ()
+    # name -> {dest: value}: a measured set of flag values that --preset NAME applies at once
+    presets: dict = field(default_factory=dict)
     # model -> text printed after the summary and saved as <report_name>.txt
     report: object = None
     report_name: str = ""
@@ -56,6 +58,9 @@ RECIPES = {
                                   help="variant: CELU(ALPHA) instead of every ReLU (Page's bag of tricks: 0.3); "
                                        "0 keeps the spec's ReLU")),
         ),
+        # Five items of Page's bag of tricks, the best combination measured here (README, Results).
+        presets={"tricks": dict(whiten=True, ghost_batch=32, freeze_bn_scale=True, bias_lr_scale=64.0,
+                                celu_alpha=0.3)},
     ),
     "dilated": Recipe(
         "dilated", augment.dilated_recipe,

@@ -11,6 +11,8 @@ import torch
 import train_resnet
 from core import trainer
 from core.checkpoint import load_checkpoint, save_checkpoint
+from core.cli import build_train_parser
+from core.recipes import RECIPES
 from tests.conftest import write_batches, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,3 +270,23 @@ def test_frozen_bn_scales_and_bias_lr_scale(data, full_run, tmp_path):
     assert biases["weight_decay"] == pytest.approx(weights["weight_decay"] / 64)
     assert "Non-trainable params: 2,240" in (out / "summary.txt").read_text()
     assert metrics(out)["history"][0]["train_loss"] != metrics(full_run)["history"][0]["train_loss"]
+
+
+def test_preset_sets_its_flags_and_explicit_flags_win():
+    recipe = RECIPES["resnet"]
+    preset = recipe.presets["tricks"]
+    plain = vars(build_train_parser(recipe).parse_args([]))
+    assert all(dest in plain and plain[dest] != value for dest, value in preset.items()), "a preset must change real flags"
+    tricks = vars(build_train_parser(recipe).parse_args(["--preset", "tricks"]))
+    assert {dest: tricks[dest] for dest in preset} == preset
+    assert {k: v for k, v in tricks.items() if k not in preset and k != "preset"} == \
+        {k: v for k, v in plain.items() if k not in preset and k != "preset"}
+    mixed = build_train_parser(recipe).parse_args(["--ghost-batch", "16", "--preset", "tricks", "--celu-alpha", "0"])
+    assert (mixed.ghost_batch, mixed.celu_alpha, mixed.whiten, mixed.bias_lr_scale) == (16, 0.0, True, 64.0)
+
+
+def test_unknown_preset_is_refused(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_resnet.main(tiny(data, tmp_path / "out", "--preset", "fast"))
+    assert exit_info.value.code == 2 and "--preset" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
