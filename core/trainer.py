@@ -117,11 +117,16 @@ def load_data(args, need_train):
     return load_dataset(args.data or "./data", need_train=need_train, download=args.data is None, cache_dir=cache)
 
 
-def evaluate_only(recipe, args):
-    ckpt = load_checkpoint(args.resume, recipe.name)
+def pick_runtime(args):
+    """The device and autocast dtype the flags ask for, with the allocator set up for that device."""
     device = pick_device(args.device)
     keep_freed_memory(device)
-    amp_dtype = pick_amp(args.amp, device)
+    return device, pick_amp(args.amp, device)
+
+
+def evaluate_only(recipe, args):
+    ckpt = load_checkpoint(args.resume, recipe.name)
+    device, amp_dtype = pick_runtime(args)
     ds = load_data(args, need_train=False)
     if len(ds.classes) != len(ckpt["classes"]):
         raise UserError(f"the checkpoint has {len(ckpt['classes'])} classes but {args.data} has {len(ds.classes)}")
@@ -146,9 +151,7 @@ class Setup:
     """Everything a run or a range test builds from the flags, in one place."""
 
     def __init__(self, recipe, args):
-        self.device = pick_device(args.device)
-        keep_freed_memory(self.device)
-        self.amp_dtype = pick_amp(args.amp, self.device)
+        self.device, self.amp_dtype = pick_runtime(args)
         torch.manual_seed(args.seed)
         self.order_gen = torch.Generator().manual_seed(args.seed)
         self.aug_gen = torch.Generator(self.device).manual_seed(args.seed + 1)
