@@ -43,7 +43,7 @@ def conv_bn(c_in, c_out, norm=batch_norm, pool=False, whiten=False, act=activati
 
 
 class ResBlock(nn.Module):
-    """Two conv-BN-ReLU units whose output is added to the block's input."""
+    """Two conv-BN-ReLU units (CELU with ``celu_alpha``) whose output is added to the block's input."""
 
     def __init__(self, channels, norm=batch_norm, act=activation):
         super().__init__()
