@@ -145,6 +145,12 @@ def build_train_parser(recipe):
                    help="train biases (BN shifts, the FC bias) at K times the LR with weight decay / K "
                         "(Page's bag of tricks: 64)")
     g.add_argument("--label-smoothing", type=non_negative_float, help="label smoothing of the training loss")
+    g.add_argument("--ema-decay", type=non_negative_float, default=0.0, metavar="DECAY",
+                   help="evaluate (and checkpoint) an exponential moving average of the weights, updated every "
+                        "step with this decay: 0.99 averages over about 100 steps (default: 0, off)")
+    g.add_argument("--flip", choices=["random", "alternating"], default="random",
+                   help="random: each image mirrored with probability 1/2 every epoch; alternating: mirrored "
+                        "in every other epoch, starting from a random half (airbench)")
     g.add_argument("--runs", type=positive_int, default=1,
                    help="train N times with seeds seed..seed+N-1 and report mean, std, min and max accuracy")
     if recipe.presets:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .augment import alternating_flip
 from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -325,10 +326,14 @@ class DeviceLoader:
     Training order comes from ``order_generator`` (a CPU generator: one randperm per epoch);
     augmentation draws from ``aug_generator`` on the device. Saving both generators' states
     between epochs is what makes a resumed run exact.
+
+    ``first_flips`` (one bool per image) replaces the recipe's random flip with
+    ``augment.alternating_flip``, which needs the epoch: call ``set_epoch`` before each one, as
+    with torch's DistributedSampler.
     """
 
     def __init__(self, split, device, batch_size, mean, std, *, train, augment=None,
-                 order_generator=None, aug_generator=None, channels_last=False):
+                 order_generator=None, aug_generator=None, channels_last=False, first_flips=None):
         self.images = torch.from_numpy(split.images).to(device)
         self.labels = torch.from_numpy(split.labels).to(device)
         self.batch_size = batch_size
@@ -337,6 +342,8 @@ class DeviceLoader:
         self.order_generator = order_generator
         self.aug_generator = aug_generator
         self.channels_last = channels_last
+        self.first_flips = None if first_flips is None else first_flips.to(device)
+        self.epoch = 0
         self.mean, self.std = mean, std
         self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -344,6 +351,9 @@ class DeviceLoader:
     def __len__(self):
         n = len(self.labels)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def normalize(self, images):
         return (images.float() / 255 - self._mean) / self._std
@@ -355,8 +365,10 @@ class DeviceLoader:
             if self.train:
                 idx = order[i * self.batch_size:(i + 1) * self.batch_size]
                 x, y = self.normalize(self.images[idx]), self.labels[idx]
+                if self.first_flips is not None:
+                    x = alternating_flip(x, self.first_flips[idx], self.epoch)
                 if self.augment is not None:
-                    x = self.augment(x, self.aug_generator, self.mean, self.std)
+                    x = self.augment(x, self.aug_generator, self.mean, self.std, flip=self.first_flips is None)
             else:
                 sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
                 x, y = self.normalize(self.images[sl]), self.labels[sl]

@@ -33,8 +33,8 @@ def _bar(iterable, total, desc, progress):
 
 
 def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, scaler,
-                progress=True, log_every=10, desc="train"):
-    """Train for one pass over ``loader``, stepping ``schedule`` after every batch.
+                progress=True, log_every=10, desc="train", ema=None):
+    """Train for one pass over ``loader``, stepping ``schedule`` (and ``ema``) after every batch.
 
     Loss and accuracy accumulate on the device; the host reads them only every ``log_every``
     steps for the bar (and to stop a run whose loss is no longer finite), so the GPU queue
@@ -51,6 +51,8 @@ def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, 
     for i, (x, y) in enumerate(bar if bar is not None else loader):
         loss, logits = train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler)
         schedule.step()
+        if ema is not None:
+            ema.update()
         loss_sum += loss * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)

@@ -18,7 +18,7 @@ def receptive_field_report(model):
 @dataclass(frozen=True)
 class Recipe:
     name: str  # model registry key, run-folder prefix, script suffix
-    augment: object  # recipe(x, generator, mean, std) on a normalized batch
+    augment: object  # recipe(x, generator, mean, std, flip) on a normalized batch (see core.augment)
     description: str
     defaults: dict = field(default_factory=dict)
     # (flag, argparse keywords): each flag's dest is a keyword of the model's constructor.

@@ -16,6 +16,7 @@ from . import plots
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEFAULT_CACHE, DeviceLoader, Split, balanced_subset, channel_stats, load_dataset
 from .device import keep_freed_memory, make_scaler, pick_amp, pick_device
+from .ema import WeightEMA
 from .engine import NonFiniteLoss, evaluate, format_test_line, train_epoch
 from .errors import UserError
 from .models import build_model
@@ -44,6 +45,9 @@ def validate(args):
         raise UserError(f"--lr-min {args.lr_min} must be below --lr-max {args.lr_max}")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only needs --resume PATH to the checkpoint to evaluate")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema-decay {args.ema_decay} must lie in [0, 1): 0 turns the average off, 0.99 averages "
+                        f"over about 100 steps")
     if args.runs > 1 and args.resume:
         raise UserError("--runs repeats whole runs; resume each run's last.pt on its own instead")
 
@@ -131,7 +135,8 @@ def evaluate_only(recipe, args):
     if len(ds.classes) != len(ckpt["classes"]):
         raise UserError(f"the checkpoint has {len(ckpt['classes'])} classes but {args.data} has {len(ds.classes)}")
     model = build_model(recipe.name, **recipe.model_kwargs(ckpt["args"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    weights = "ema" if ckpt.get("ema") is not None else "model"  # what the run itself evaluated
+    model.load_state_dict(ckpt[weights])
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     test = take(ds.test, args.test_subset)
@@ -143,7 +148,7 @@ def evaluate_only(recipe, args):
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": args.data, "test_acc": result["acc"],
                                    "test_loss": result["loss"], "correct": result["correct"], "total": result["total"],
-                                   "tta": args.tta, "tta_shift": args.tta_shift})
+                                   "tta": args.tta, "tta_shift": args.tta_shift, "weights": weights})
     return 0
 
 
@@ -165,14 +170,20 @@ class Setup:
                             f"lower it or enlarge --train-subset")
         self.mean, self.std = channel_stats(self.train.images)
         self.model = build_model(recipe.name, **recipe.model_kwargs(vars(args))).to(self.device)
+        first_flips = None
+        if args.flip == "alternating":  # drawn from the seed alone, so a resumed run draws them again
+            first_flips = torch.rand(len(self.train.labels), generator=torch.Generator().manual_seed(args.seed)) < 0.5
         self.train_loader = DeviceLoader(self.train, self.device, args.batch_size, self.mean, self.std, train=True,
                                          augment=recipe.augment, order_generator=self.order_gen,
-                                         aug_generator=self.aug_gen, channels_last=args.channels_last)
+                                         aug_generator=self.aug_gen, channels_last=args.channels_last,
+                                         first_flips=first_flips)
         fit_whitening(self.model, self.train_loader)
         self.summary, self.params = summary_table(self.model)
         self.report = recipe.report(self.model) if recipe.report else None
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # After the layout change, which makes new tensors: the average follows these ones.
+        self.ema = WeightEMA(self.model, args.ema_decay) if args.ema_decay else None
         self.test_loader = DeviceLoader(self.test, self.device, args.eval_batch_size, self.mean, self.std,
                                         train=False, channels_last=args.channels_last)
         # The LR here is a placeholder: the schedule (or the range test) sets it every step.
@@ -233,6 +244,7 @@ def run_training(recipe, args):
     def checkpoint():
         return {"model_name": recipe.name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                "ema": s.ema.state_dict() if s.ema else None,
                 "rng": rng_state(s.order_gen, s.aug_gen), "args": plain_args(args), "mean": s.mean, "std": s.std,
                 "classes": list(s.ds.classes), **state}
 
@@ -241,6 +253,8 @@ def run_training(recipe, args):
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])
+        if s.ema:
+            s.ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"], s.order_gen, s.aug_gen)
         state.update({k: ckpt[k] for k in state if k in ckpt})
         print(f"Resuming {args.resume} after epoch {state['epoch']} of {args.epochs}")
@@ -248,10 +262,12 @@ def run_training(recipe, args):
         save_checkpoint(out / "last.pt", checkpoint())
 
     step_model = torch.compile(model) if args.compile else model
+    eval_model = s.ema.module if s.ema else step_model
     info = {"model": recipe.name, **recipe.model_kwargs(vars(args)), "params": s.params,
             "device": describe_device(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "lr_max": args.lr_max, "lr_min": args.lr_min, "lr_source": args.lr_source, "epochs": args.epochs,
-            "batch_size": args.batch_size, "optimizer": args.optimizer, "train_images": len(s.train.labels),
+            "batch_size": args.batch_size, "optimizer": args.optimizer, "ema_decay": args.ema_decay,
+            "flip": args.flip, "train_images": len(s.train.labels),
             "test_images": len(s.test.labels), "seed": args.seed, "data_load_s": s.data_load_s,
             "command": " ".join(["python", recipe.script, *sys.argv[1:]])}
     print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / "
@@ -263,10 +279,11 @@ def run_training(recipe, args):
             lr = optimizer.param_groups[0]["lr"]
             print(f"EPOCH: {epoch} (LR: {lr})")
             epoch_start = time.perf_counter()
+            s.train_loader.set_epoch(epoch)
             tr = train_epoch(step_model, s.train_loader, optimizer, schedule, s.loss_fn, device, amp_dtype, scaler,
-                             progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}")
+                             progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}", ema=s.ema)
             eval_start = time.perf_counter()
-            ev = evaluate(step_model, s.test_loader, device, amp_dtype, keep_predictions=epoch == args.epochs,
+            ev = evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=epoch == args.epochs,
                           tta=args.tta, tta_shift=args.tta_shift)
             state["eval_seconds"] += time.perf_counter() - eval_start
             print(format_test_line(ev))
@@ -294,7 +311,7 @@ def run_training(recipe, args):
               f"  python {recipe.script} --resume {out / 'last.pt'}", file=sys.stderr)
         return 130
     if ev is None:  # resumed from a run that had already finished: nothing was evaluated yet
-        ev = evaluate(step_model, s.test_loader, device, amp_dtype, keep_predictions=True, tta=args.tta,
+        ev = evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=True, tta=args.tta,
                       tta_shift=args.tta_shift)
     finish(out, state, schedule, len(s.train_loader), ev["predictions"].numpy(), s.test, s.ds.classes)
     print(f"Best test accuracy {state['best_test_acc']:.2f}%, final {state['history'][-1]['test_acc']:.2f}%; "

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.augment import crop_at, cutout, hflip, random_crop, resnet_recipe
+from core.augment import (alternating_flip, crop_at, cutout, dilated_recipe, flip_crop_recipe, hflip, random_crop,
+                          resnet_recipe)
 
 NUMPY_MODES = {"constant": "constant", "reflect": "reflect", "edge": "edge", "symmetric": "symmetric"}
 
@@ -107,3 +108,30 @@ def test_recipe_is_deterministic_for_a_generator_and_varies_per_sample():
 def test_bad_padding_mode_is_refused():
     with pytest.raises(ValueError, match="unknown padding mode"):
         random_crop(images(n=1), mode="wrap")
+
+
+def test_alternating_flip_shows_each_image_both_ways_in_any_two_epochs():
+    x = images(n=64, h=4, w=4)
+    first = torch.rand(64, generator=torch.Generator().manual_seed(0)) < 0.5
+    seen = [alternating_flip(x, first, epoch) for epoch in range(4)]
+    flipped = [(view == x.flip(3)).flatten(1).all(1) for view in seen]
+    assert torch.equal(flipped[0], first), "epoch 0 flips the drawn half"
+    for a, b in zip(flipped, flipped[1:]):
+        assert torch.equal(a, ~b), "consecutive epochs show each image both ways"
+    assert all(bool(((view == x) | (view == x.flip(3))).flatten(1).all()) for view in seen)
+
+
+@pytest.mark.parametrize("recipe", [resnet_recipe, flip_crop_recipe, dilated_recipe])
+def test_recipes_without_their_flip_draw_no_mirror_images(recipe):
+    """A batch that brightens left to right: without the flip, every output still does. The
+    other ops keep the direction: crops and shifts move the ramp, a hole or cutout covers at most
+    one end with the mean (the ramp's middle value), and rotations stay small."""
+    ramp = torch.linspace(-1.5, 1.5, 32).expand(200, 3, 32, 32).contiguous()
+    g = torch.Generator().manual_seed(0)
+    stats = dict(mean=[0.5] * 3, std=[0.25] * 3)
+
+    def rising(out):
+        return out[:, 0, 16, -1] > out[:, 0, 16, 0]
+
+    assert bool(rising(recipe(ramp, g, **stats, flip=False)).all())
+    assert 0.3 < rising(recipe(ramp, g, **stats)).float().mean().item() < 0.7

@@ -128,6 +128,30 @@ def test_interrupted_run_with_two_param_groups_resumes_to_the_same_result(data, 
     assert_same_run(resumed, straight)
 
 
+def test_ema_and_alternating_flip_resume_exactly_and_evaluation_uses_the_average(
+        data, full_run, tmp_path, monkeypatch, capsys):
+    """The average is state of its own (in the checkpoint) and the flips depend on the epoch
+    number: both must come back on --resume. The run reports the average's accuracy, so
+    --eval-only of its checkpoint must too."""
+    flags = ("--ema-decay", "0.8", "--flip", "alternating")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_resnet.main(tiny(data, straight, *flags)) == 0
+    interrupt_then_resume(data, resumed, monkeypatch, *flags)
+    assert_same_run(resumed, straight)
+    a, b = load_checkpoint(resumed / "last.pt")["ema"], load_checkpoint(straight / "last.pt")["ema"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    live = load_checkpoint(straight / "last.pt")["model"]
+    assert not torch.equal(a["fc.weight"], live["fc.weight"])
+    assert metrics(straight)["history"][0]["train_loss"] != metrics(full_run)["history"][0]["train_loss"]
+    capsys.readouterr()
+    assert train_resnet.main(["--eval-only", "--resume", str(straight / "last.pt"), "--data", str(data),
+                              "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["weights"] == "ema"
+    final = metrics(straight)["history"][-1]
+    assert (evaluated["test_acc"], evaluated["test_loss"]) == (final["test_acc"], pytest.approx(final["test_loss"]))
+
+
 def test_eval_only_on_a_test_only_folder(full_run, tmp_path, capsys):
     test_only = write_image_folder(tmp_path / "test_only", n_train=0, n_test=100)
     args = ["--eval-only", "--resume", str(full_run / "best.pt"), "--data", str(test_only),
@@ -205,6 +229,7 @@ def test_whiten_fits_the_basis_to_the_data_and_evaluation_restores_it(data, full
     (["--max-at-epoch", "5"], "--max-at-epoch 5.0 must lie strictly between 0 and --epochs 3"),
     (["--lr-min", "0.5"], "must be below --lr-max"),
     (["--batch-size", "5000"], "exceeds the 200 training images"),
+    (["--ema-decay", "1"], "--ema-decay 1.0 must lie in [0, 1)"),
 ])
 def test_inconsistent_flags_give_one_line(data, tmp_path, capsys, flags, message):
     assert train_resnet.main(tiny(data, tmp_path / "out", *flags)) == 1

@@ -214,3 +214,26 @@ def test_download_without_internet_says_how_to_use_a_local_copy(tmp_path, monkey
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(UserError, match="pass --data PATH to a local copy"):
         load_dataset(tmp_path / "data", download=True, cache_dir=None)
+
+
+def test_loader_alternates_flips_by_epoch_and_drops_the_recipe_flip():
+    images, labels = synthetic_images(64, seed=0)
+    split = Split(images, labels)
+    first = torch.rand(64, generator=torch.Generator().manual_seed(3)) < 0.5
+    calls = []
+
+    def recipe(x, generator, mean, std, flip=True):
+        calls.append(flip)
+        return x
+
+    loader = DeviceLoader(split, torch.device("cpu"), 64, [0.5] * 3, [0.25] * 3, train=True, augment=recipe,
+                          order_generator=torch.Generator().manual_seed(0), first_flips=first)
+    plain = loader.normalize(torch.from_numpy(images))
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        (x, y), = list(loader)
+        # each row's source image, matched in either orientation (the noise images are not symmetric)
+        rows = [int(torch.nonzero(((plain == xi) | (plain == xi.flip(2))).flatten(1).all(1))[0]) for xi in x]
+        flipped = torch.tensor([bool((x[i] == plain[r].flip(2)).all()) for i, r in enumerate(rows)])
+        assert torch.equal(flipped, first[rows] ^ bool(epoch % 2)), f"epoch {epoch}"
+    assert calls == [False] * 3, "the recipe's own random flip is off"

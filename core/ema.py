@@ -1,0 +1,42 @@
+"""An exponential moving average of a model's weights, evaluated in place of the live weights.
+
+Page's bag of tricks evaluates such an average: late in a one-cycle run the weights still jitter
+from batch to batch around the point the LR is annealing towards, and the average sits nearer
+that point than any single step does.
+"""
+
+import copy
+
+import torch
+
+
+class WeightEMA:
+    """``module`` is a frozen copy of ``model`` whose floating-point parameters and buffers follow
+    ``avg = decay * avg + (1 - decay) * live`` after every ``update()``; other buffers (BN's step
+    counts) are copied.
+
+    The BN running statistics are averaged along with the weights, as Page does, rather than
+    re-estimated for the averaged weights: that would cost a pass over the training set at
+    every evaluation, and with ``decay`` near 1 the two differ little.
+    """
+
+    def __init__(self, model, decay):
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay {decay} must lie strictly between 0 and 1")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+
+    @torch.no_grad()
+    def update(self):
+        for avg, live in self._pairs:
+            if avg.is_floating_point():
+                avg.lerp_(live, 1 - self.decay)
+            else:
+                avg.copy_(live)
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state)
