@@ -71,8 +71,7 @@ def random_crop(x, padding=4, mode="reflect", fill=0, generator=None):
 
 def hflip(x, p=0.5, generator=None):
     """Mirror each image left-right with probability ``p``."""
-    flip = _rand(x.shape[0], generator, x.device) < p
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return _mirror(x, _rand(x.shape[0], generator, x.device) < p)
 
 
 def alternating_flip(x, first_flips, epoch):
@@ -82,8 +81,12 @@ def alternating_flip(x, first_flips, epoch):
     Keller Jordan's airbench found this beats independent coin flips in short runs: a random
     flip shows an image the same way twice running half the time, which wastes an epoch of it.
     """
-    flip = first_flips ^ bool(epoch % 2)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return _mirror(x, first_flips ^ bool(epoch % 2))
+
+
+def _mirror(x, which):
+    """Each image mirrored left-right where ``which`` (one bool per image) is true."""
+    return torch.where(which[:, None, None, None], x.flip(3), x)
 
 
 def _box_mask(h, w, top, left, height, width):
