@@ -118,6 +118,21 @@ def evaluate(model, loader, device, amp_dtype, keep_predictions=False, tta=False
     return result
 
 
+def recalibrate_bn(model, loader, device, amp_dtype):
+    """Re-estimate every BatchNorm's running statistics over ``loader``, in train mode, no steps.
+
+    Training fills the running statistics from augmented batches (cutout blanks a square of
+    every image), with momentum over the last few dozen steps, so they describe neither the
+    test images nor, for a moving average of the weights, the weights being evaluated. One pass
+    over un-augmented training images, with equal weight per batch, fixes both. Only the
+    running statistics change: the parameters and the training trajectory do not.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    with autocast(device, amp_dtype):
+        update_bn(loader, model)
+
+
 def format_test_line(result):
     """The line users know from the assignments' logs."""
     return (f"Test set: Average loss: {result['loss']:.4f}, "

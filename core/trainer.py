@@ -17,7 +17,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEFAULT_CACHE, DeviceLoader, Split, balanced_subset, channel_stats, load_dataset
 from .device import keep_freed_memory, make_scaler, pick_amp, pick_device
 from .ema import WeightEMA
-from .engine import NonFiniteLoss, evaluate, format_test_line, train_epoch
+from .engine import NonFiniteLoss, evaluate, format_test_line, recalibrate_bn, train_epoch
 from .errors import UserError
 from .models import build_model
 from .models.whitening import fit_whitening
@@ -128,10 +128,20 @@ def pick_runtime(args):
     return device, pick_amp(args.amp, device)
 
 
+def bn_images(args, train, device, mean, std, batch_size):
+    """The un-augmented training images that --recalibrate-bn re-estimates BN statistics on, in
+    batches of ``batch_size``: the training batch size, which the batch statistics depend on."""
+    return DeviceLoader(take(train, args.recalibrate_bn), device, batch_size, mean, std, train=False,
+                        channels_last=args.channels_last)
+
+
 def evaluate_only(recipe, args):
     ckpt = load_checkpoint(args.resume, recipe.name)
     device, amp_dtype = pick_runtime(args)
     ds = load_data(args, need_train=False)
+    if args.recalibrate_bn and ds.train is None:
+        raise UserError(f"--recalibrate-bn needs training images and {args.data} holds only a test split: "
+                        f"drop the flag or point --data at the whole dataset")
     if len(ds.classes) != len(ckpt["classes"]):
         raise UserError(f"the checkpoint has {len(ckpt['classes'])} classes but {args.data} has {len(ds.classes)}")
     model = build_model(recipe.name, **recipe.model_kwargs(ckpt["args"])).to(device)
@@ -139,6 +149,9 @@ def evaluate_only(recipe, args):
     model.load_state_dict(ckpt[weights])
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if args.recalibrate_bn:
+        bn_loader = bn_images(args, ds.train, device, ckpt["mean"], ckpt["std"], ckpt["args"]["batch_size"])
+        recalibrate_bn(model, bn_loader, device, amp_dtype)
     test = take(ds.test, args.test_subset)
     loader = DeviceLoader(test, device, args.eval_batch_size, ckpt["mean"], ckpt["std"], train=False,
                           channels_last=args.channels_last)
@@ -148,7 +161,8 @@ def evaluate_only(recipe, args):
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": args.data, "test_acc": result["acc"],
                                    "test_loss": result["loss"], "correct": result["correct"], "total": result["total"],
-                                   "tta": args.tta, "tta_shift": args.tta_shift, "weights": weights})
+                                   "tta": args.tta, "tta_shift": args.tta_shift, "weights": weights,
+                                   "recalibrate_bn": args.recalibrate_bn})
     return 0
 
 
@@ -263,10 +277,19 @@ def run_training(recipe, args):
 
     step_model = torch.compile(model) if args.compile else model
     eval_model = s.ema.module if s.ema else step_model
+    bn_loader = bn_images(args, s.train, device, s.mean, s.std, args.batch_size) if args.recalibrate_bn else None
+
+    def evaluate_now(keep_predictions):
+        if bn_loader is not None:  # on the plain module: a compiled one would recompile for the switch
+            recalibrate_bn(s.ema.module if s.ema else model, bn_loader, device, amp_dtype)
+        return evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=keep_predictions,
+                        tta=args.tta, tta_shift=args.tta_shift)
+
     info = {"model": recipe.name, **recipe.model_kwargs(vars(args)), "params": s.params,
             "device": describe_device(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "lr_max": args.lr_max, "lr_min": args.lr_min, "lr_source": args.lr_source, "epochs": args.epochs,
             "batch_size": args.batch_size, "optimizer": args.optimizer, "ema_decay": args.ema_decay,
+            "recalibrate_bn": args.recalibrate_bn,
             "flip": args.flip, "train_images": len(s.train.labels),
             "test_images": len(s.test.labels), "seed": args.seed, "data_load_s": s.data_load_s,
             "command": " ".join(["python", recipe.script, *sys.argv[1:]])}
@@ -283,8 +306,7 @@ def run_training(recipe, args):
             tr = train_epoch(step_model, s.train_loader, optimizer, schedule, s.loss_fn, device, amp_dtype, scaler,
                              progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}", ema=s.ema)
             eval_start = time.perf_counter()
-            ev = evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=epoch == args.epochs,
-                          tta=args.tta, tta_shift=args.tta_shift)
+            ev = evaluate_now(keep_predictions=epoch == args.epochs)
             state["eval_seconds"] += time.perf_counter() - eval_start
             print(format_test_line(ev))
             if args.no_progress or not sys.stderr.isatty():
@@ -311,8 +333,7 @@ def run_training(recipe, args):
               f"  python {recipe.script} --resume {out / 'last.pt'}", file=sys.stderr)
         return 130
     if ev is None:  # resumed from a run that had already finished: nothing was evaluated yet
-        ev = evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=True, tta=args.tta,
-                      tta_shift=args.tta_shift)
+        ev = evaluate_now(keep_predictions=True)
     finish(out, state, schedule, len(s.train_loader), ev["predictions"].numpy(), s.test, s.ds.classes)
     print(f"Best test accuracy {state['best_test_acc']:.2f}%, final {state['history'][-1]['test_acc']:.2f}%; "
           f"outputs in {out}")

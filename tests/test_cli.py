@@ -152,6 +152,24 @@ def test_ema_and_alternating_flip_resume_exactly_and_evaluation_uses_the_average
     assert (evaluated["test_acc"], evaluated["test_loss"]) == (final["test_acc"], pytest.approx(final["test_loss"]))
 
 
+def test_recalibrated_bn_leaves_training_alone_and_eval_only_reproduces_it(data, full_run, tmp_path, capsys):
+    """Recalibration rewrites only BN running statistics, which training (in train mode) never
+    reads, so the run trains exactly as without the flag; --eval-only with the flag, on the plain
+    run's checkpoint, must then reproduce the flagged run's final evaluation."""
+    out = tmp_path / "recal"
+    assert train_resnet.main(tiny(data, out, "--recalibrate-bn", "120")) == 0
+    plain, recal = metrics(full_run)["history"], metrics(out)["history"]
+    assert [h["train_loss"] for h in recal] == [h["train_loss"] for h in plain]
+    assert [h["test_loss"] for h in recal] != [h["test_loss"] for h in plain]
+    assert metrics(out)["recalibrate_bn"] == 120
+    assert train_resnet.main(["--eval-only", "--resume", str(full_run / "last.pt"), "--data", str(data),
+                              "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none",
+                              "--recalibrate-bn", "120"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["recalibrate_bn"] == 120
+    assert (evaluated["test_acc"], evaluated["test_loss"]) == (recal[-1]["test_acc"], pytest.approx(recal[-1]["test_loss"]))
+
+
 def test_eval_only_on_a_test_only_folder(full_run, tmp_path, capsys):
     test_only = write_image_folder(tmp_path / "test_only", n_train=0, n_test=100)
     args = ["--eval-only", "--resume", str(full_run / "best.pt"), "--data", str(test_only),
@@ -164,6 +182,9 @@ def test_eval_only_on_a_test_only_folder(full_run, tmp_path, capsys):
     shifted = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert (shifted["tta"], shifted["tta_shift"], result["tta_shift"]) == (True, 2, 0)
     assert shifted["test_loss"] != result["test_loss"]  # the shifted views took part
+    capsys.readouterr()
+    assert train_resnet.main([*args, "--recalibrate-bn", "50"]) == 1
+    assert "--recalibrate-bn needs training images" in one_error_line(capsys)
 
 
 def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys):

@@ -69,3 +69,35 @@ def test_evaluate_builds_no_autograd_graph_in_any_view():
     model = GradModeProbe()
     evaluate(model, loader, torch.device("cpu"), None, tta=True, tta_shift=1)
     assert len(model.grad_modes) == 3 * 6 and not any(model.grad_modes)
+
+
+def test_recalibrate_bn_sets_running_statistics_to_the_per_batch_average_and_nothing_else():
+    from core.engine import recalibrate_bn
+    from core.models.norm import GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                GhostBatchNorm2d(4, ghost_batch=4))
+    model[1].running_mean.fill_(5.0)  # stale statistics, as augmented training leaves them
+    images, labels = synthetic_images(24, seed=1)
+    loader = DeviceLoader(Split(images, labels), torch.device("cpu"), 8, [0.5] * 3, [0.25] * 3, train=False)
+    params = [p.clone() for p in model.parameters()]
+    model.eval()
+    recalibrate_bn(model, loader, torch.device("cpu"), None)
+
+    # Reference: a cumulative average, equal weight per batch, of each batch's (for the ghost
+    # layer: each 4-image slice's, averaged per batch) mean and unbiased variance.
+    with torch.no_grad():
+        batches = [model[0](x) for x, _ in loader]
+        stats1 = [(h.mean((0, 2, 3)), h.var((0, 2, 3))) for h in batches]
+        mean1 = torch.stack([m for m, _ in stats1]).mean(0)
+        var1 = torch.stack([v for _, v in stats1]).mean(0)
+        slices = [[c.mean((0, 2, 3)), c.var((0, 2, 3))]
+                  for h in batches for c in F.relu(F.batch_norm(h, None, None, model[1].weight, model[1].bias,
+                                                                True)).split(4)]
+    assert torch.allclose(model[1].running_mean, mean1, atol=1e-5)
+    assert torch.allclose(model[1].running_var, var1, atol=1e-5)
+    assert torch.allclose(model[3].running_mean, torch.stack([m for m, _ in slices]).mean(0), atol=1e-5)
+    assert torch.allclose(model[3].running_var, torch.stack([v for _, v in slices]).mean(0), atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert not model.training and model[1].momentum == 0.1 and model[3].momentum == 0.1
