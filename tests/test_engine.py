@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from core.data import DeviceLoader, Split
-from core.engine import evaluate, format_test_line, tta_views
+from core.engine import evaluate, format_test_line, recalibrate_bn, tta_views
+from core.models.norm import GhostBatchNorm2d
 from tests.conftest import synthetic_images
 
 
@@ -72,9 +73,6 @@ def test_evaluate_builds_no_autograd_graph_in_any_view():
 
 
 def test_recalibrate_bn_sets_running_statistics_to_the_per_batch_average_and_nothing_else():
-    from core.engine import recalibrate_bn
-    from core.models.norm import GhostBatchNorm2d
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 GhostBatchNorm2d(4, ghost_batch=4))
