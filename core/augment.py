@@ -122,14 +122,15 @@ def cutout(x, size=8, p=1.0, fill=0, generator=None):
 # (``alternating_flip``). A mirror image commutes with the other ops in distribution (their
 # offsets and positions are uniform and their borders symmetric), so flipping first is the same.
 
-def resnet_recipe(x, generator=None, mean=None, std=None, flip=True):
+def resnet_recipe(x, generator=None, mean=None, std=None, flip=True, cutout_size=8):
     """The superconvergence assignment's transform: RandomCrop 32 (pad 4), FlipLR, Cutout 8x8.
 
-    Cutout's fill of 0 on the normalized batch is the dataset mean colour."""
+    Cutout's fill of 0 on the normalized batch is the dataset mean colour. ``cutout_size`` 0
+    leaves cutout out (Page's bag of tricks and airbench94 train without it)."""
     x = random_crop(x, padding=4, mode="reflect", generator=generator)
     if flip:
         x = hflip(x, p=0.5, generator=generator)
-    return cutout(x, size=8, p=1.0, fill=0, generator=generator)
+    return cutout(x, size=cutout_size, p=1.0, fill=0, generator=generator) if cutout_size else x
 
 
 def flip_crop_recipe(x, generator=None, mean=None, std=None, flip=True):

@@ -158,6 +158,10 @@ def build_train_parser(recipe):
         g.add_argument("--preset", choices=sorted(recipe.presets), default=None,
                        help="start from a named set of flag values; flags given explicitly override it. " +
                             "; ".join(f"{name}: {format_preset(values)}" for name, values in sorted(recipe.presets.items())))
+    if recipe.augment_flags:
+        g = p.add_argument_group("augmentation")
+        for flag, kwargs in recipe.augment_flags:
+            g.add_argument(flag, **kwargs)
     if recipe.model_flags:
         g = p.add_argument_group("model")
         for flag, kwargs in recipe.model_flags:

@@ -23,6 +23,8 @@ class Recipe:
     defaults: dict = field(default_factory=dict)
     # (flag, argparse keywords): each flag's dest is a keyword of the model's constructor.
     model_flags: tuple = ()
+    # (flag, argparse keywords): each flag's dest is a keyword of ``augment``.
+    augment_flags: tuple = ()
     # name -> {dest: value}: a measured set of flag values that --preset NAME applies at once
     presets: dict = field(default_factory=dict)
     # model -> text printed after the summary and saved as <report_name>.txt
@@ -35,9 +37,17 @@ class Recipe:
 
     def model_kwargs(self, values):
         """The model's constructor keywords out of the flags (a dict such as vars(args))."""
-        dests = (flag.lstrip("-").replace("-", "_") for flag, _ in self.model_flags)
         # A checkpoint older than a flag lacks it: the constructor's default rebuilds that model.
-        return {d: values[d] for d in dests if d in values}
+        return _flag_values(self.model_flags, values)
+
+    def augment_kwargs(self, values):
+        """The augmentation's keywords out of the flags (a dict such as vars(args))."""
+        return _flag_values(self.augment_flags, values)
+
+
+def _flag_values(flags, values):
+    dests = (flag.lstrip("-").replace("-", "_") for flag, _ in flags)
+    return {d: values[d] for d in dests if d in values}
 
 
 RECIPES = {
@@ -57,6 +67,11 @@ RECIPES = {
             ("--celu-alpha", dict(type=non_negative_float, default=0.0, metavar="ALPHA",
                                   help="variant: CELU(ALPHA) instead of every ReLU (Page's bag of tricks: 0.3); "
                                        "0 keeps the spec's ReLU")),
+        ),
+        augment_flags=(
+            ("--cutout-size", dict(type=int, choices=range(33), default=8, metavar="PIXELS",
+                                   help="side of the square that cutout blanks in every training image (0-32; "
+                                        "0: no cutout)")),
         ),
         # Five items of Page's bag of tricks, the best combination measured here (README, Results).
         presets={"tricks": dict(whiten=True, ghost_batch=32, freeze_bn_scale=True, bias_lr_scale=64.0,

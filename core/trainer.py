@@ -1,6 +1,7 @@
 """A whole training run: data, model, optimizer and schedule from the flags; the epoch loop;
 checkpoints, metrics and figures in the output folder; resume and evaluate-only."""
 
+import functools
 import json
 import platform
 import sys
@@ -188,7 +189,8 @@ class Setup:
         if args.flip == "alternating":  # drawn from the seed alone, so a resumed run draws them again
             first_flips = torch.rand(len(self.train.labels), generator=torch.Generator().manual_seed(args.seed)) < 0.5
         self.train_loader = DeviceLoader(self.train, self.device, args.batch_size, self.mean, self.std, train=True,
-                                         augment=recipe.augment, order_generator=self.order_gen,
+                                         augment=functools.partial(recipe.augment, **recipe.augment_kwargs(vars(args))),
+                                         order_generator=self.order_gen,
                                          aug_generator=self.aug_gen, channels_last=args.channels_last,
                                          first_flips=first_flips)
         fit_whitening(self.model, self.train_loader)
@@ -285,7 +287,8 @@ def run_training(recipe, args):
         return evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=keep_predictions,
                         tta=args.tta, tta_shift=args.tta_shift)
 
-    info = {"model": recipe.name, **recipe.model_kwargs(vars(args)), "params": s.params,
+    info = {"model": recipe.name, **recipe.model_kwargs(vars(args)), **recipe.augment_kwargs(vars(args)),
+            "params": s.params,
             "device": describe_device(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "lr_max": args.lr_max, "lr_min": args.lr_min, "lr_source": args.lr_source, "epochs": args.epochs,
             "batch_size": args.batch_size, "optimizer": args.optimizer, "ema_decay": args.ema_decay,

@@ -105,6 +105,15 @@ def test_recipe_is_deterministic_for_a_generator_and_varies_per_sample():
     assert not all(torch.equal(same[0], same[i]) for i in range(1, 8)), "randomness must be per sample"
 
 
+@pytest.mark.parametrize("size", [0, 5, 12])
+def test_resnet_recipe_blanks_one_square_of_its_cutout_size(size):
+    """On a constant image crop and flip change nothing, so the zeros are cutout's square alone."""
+    out = resnet_recipe(torch.ones(500, 3, 32, 32), torch.Generator().manual_seed(0), cutout_size=size)
+    holes = out[:, 0] == 0
+    assert bool((holes.sum((1, 2)) == size * size).all())
+    assert bool((holes.any(2).sum(1) == size).all()), "a square, not any shape of that area"
+
+
 def test_bad_padding_mode_is_refused():
     with pytest.raises(ValueError, match="unknown padding mode"):
         random_crop(images(n=1), mode="wrap")

@@ -203,13 +203,26 @@ def test_non_positive_numbers_are_refused_by_the_parser(data, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flags", [["--tta-shift", "9"], ["--ghost-batch", "-1"], ["--ghost-batch", "8.5"],
+@pytest.mark.parametrize("flags", [["--tta-shift", "9"], ["--cutout-size", "33"], ["--cutout-size", "-1"],
+                                   ["--ghost-batch", "-1"], ["--ghost-batch", "8.5"],
                                    ["--celu-alpha", "-0.3"], ["--bias-lr-scale", "0"]])
 def test_out_of_range_model_and_evaluation_flags_are_refused(data, tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exit_info:
         train_resnet.main(tiny(data, tmp_path / "out", *flags))
     assert exit_info.value.code == 2
     assert flags[0] in one_error_line(capsys)
+
+
+def test_cutout_size_reaches_the_training_batches(data, full_run, tmp_path):
+    """8 is the spec's recipe, so naming it trains the default run's weights; another size trains
+    other ones, and the run records which it used."""
+    assert train_resnet.main(tiny(data, tmp_path / "eight", "--cutout-size", "8")) == 0
+    assert train_resnet.main(tiny(data, tmp_path / "none", "--cutout-size", "0")) == 0
+    default, eight, none = (metrics(p)["history"] for p in (full_run, tmp_path / "eight", tmp_path / "none"))
+    assert [h["train_loss"] for h in eight] == [h["train_loss"] for h in default]
+    assert [h["train_loss"] for h in none] != [h["train_loss"] for h in default]
+    assert metrics(full_run)["cutout_size"] == 8 and metrics(tmp_path / "none")["cutout_size"] == 0
+    assert load_checkpoint(tmp_path / "none" / "last.pt", "resnet")["args"]["cutout_size"] == 0
 
 
 def test_ghost_batch_trains_another_model_and_evaluation_loads_checkpoints_without_the_flag(
