@@ -158,14 +158,11 @@ def build_train_parser(recipe):
         g.add_argument("--preset", choices=sorted(recipe.presets), default=None,
                        help="start from a named set of flag values; flags given explicitly override it. " +
                             "; ".join(f"{name}: {format_preset(values)}" for name, values in sorted(recipe.presets.items())))
-    if recipe.augment_flags:
-        g = p.add_argument_group("augmentation")
-        for flag, kwargs in recipe.augment_flags:
-            g.add_argument(flag, **kwargs)
-    if recipe.model_flags:
-        g = p.add_argument_group("model")
-        for flag, kwargs in recipe.model_flags:
-            g.add_argument(flag, **kwargs)
+    for title, flags in (("augmentation", recipe.augment_flags), ("model", recipe.model_flags)):
+        if flags:
+            g = p.add_argument_group(title)
+            for flag, kwargs in flags:
+                g.add_argument(flag, **kwargs)
     add_device_args(p)
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--out", default=None, metavar="DIR",
