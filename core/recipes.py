@@ -6,7 +6,7 @@ Everything else (data, engine, outputs, CLI flags) is shared, so a script is a r
 from dataclasses import dataclass, field
 
 from . import augment
-from .cli import non_negative_float, non_negative_int
+from .cli import non_negative_float, non_negative_int, positive_float
 
 
 def receptive_field_report(model):
@@ -67,6 +67,9 @@ RECIPES = {
             ("--celu-alpha", dict(type=non_negative_float, default=0.0, metavar="ALPHA",
                                   help="variant: CELU(ALPHA) instead of every ReLU (Page's bag of tricks: 0.3); "
                                        "0 keeps the spec's ReLU")),
+            ("--logit-scale", dict(type=positive_float, default=0.125, metavar="S",
+                                   help="multiply the logits by S (Page: 0.125 for the plain net, 1/16 = 0.0625 in "
+                                        "his bag of tricks, whose BN scales stay frozen at 1)")),
         ),
         augment_flags=(
             ("--cutout-size", dict(type=int, choices=range(33), default=8, metavar="PIXELS",
