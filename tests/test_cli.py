@@ -205,7 +205,7 @@ def test_non_positive_numbers_are_refused_by_the_parser(data, tmp_path, capsys, 
 
 @pytest.mark.parametrize("flags", [["--tta-shift", "9"], ["--cutout-size", "33"], ["--cutout-size", "-1"],
                                    ["--ghost-batch", "-1"], ["--ghost-batch", "8.5"],
-                                   ["--celu-alpha", "-0.3"], ["--bias-lr-scale", "0"]])
+                                   ["--celu-alpha", "-0.3"], ["--bias-lr-scale", "0"], ["--logit-scale", "0"]])
 def test_out_of_range_model_and_evaluation_flags_are_refused(data, tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exit_info:
         train_resnet.main(tiny(data, tmp_path / "out", *flags))
@@ -257,6 +257,21 @@ def test_whiten_fits_the_basis_to_the_data_and_evaluation_restores_it(data, full
                               "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none"]) == 0
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert evaluated["test_acc"] == metrics(out)["best_test_acc"]
+
+
+def test_logit_scale_trains_another_model_and_evaluation_rebuilds_it(data, full_run, tmp_path, capsys):
+    """The scale has no parameter, so only the flags saved in the checkpoint can give evaluation
+    back the logits, and so the test loss, that the run measured."""
+    out = tmp_path / "scaled"
+    assert train_resnet.main(tiny(data, out, "--logit-scale", "0.5")) == 0
+    assert load_checkpoint(out / "last.pt", "resnet")["args"]["logit_scale"] == 0.5
+    assert metrics(out)["logit_scale"] == 0.5
+    assert metrics(out)["history"][0]["train_loss"] != metrics(full_run)["history"][0]["train_loss"]
+    capsys.readouterr()
+    assert train_resnet.main(["--eval-only", "--resume", str(out / "last.pt"), "--data", str(data),
+                              "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["test_loss"] == pytest.approx(metrics(out)["history"][-1]["test_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -95,3 +95,12 @@ def test_celu_alpha_swaps_every_relu_and_nothing_else():
         nearly_relu = CustomResNet(celu_alpha=1e-6)
         nearly_relu.load_state_dict(plain.state_dict())
         torch.testing.assert_close(nearly_relu(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_logit_scale_multiplies_the_logits_and_adds_no_parameters():
+    default, sixteenth = CustomResNet().eval(), CustomResNet(logit_scale=1 / 16).eval()
+    assert CustomResNet().logit_scale == 0.125
+    sixteenth.load_state_dict(default.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sixteenth(x), default(x) / 2)
