@@ -99,7 +99,7 @@ def test_celu_alpha_swaps_every_relu_and_nothing_else():
 
 def test_logit_scale_multiplies_the_logits_and_adds_no_parameters():
     default, sixteenth = CustomResNet().eval(), CustomResNet(logit_scale=1 / 16).eval()
-    assert CustomResNet().logit_scale == 0.125
+    assert default.logit_scale == 0.125
     sixteenth.load_state_dict(default.state_dict())
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
