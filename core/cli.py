@@ -2,6 +2,7 @@
 one-line message and a non-zero exit instead of a traceback."""
 
 import argparse
+import shlex
 import sys
 
 from .errors import UserError
@@ -201,4 +202,5 @@ def train_main(recipe_name, argv=None):
     from .trainer import run_training
 
     recipe = RECIPES[recipe_name]
-    return run_cli(lambda args: run_training(recipe, args), argv, build_train_parser(recipe))
+    command = shlex.join(["python", recipe.script, *(sys.argv[1:] if argv is None else argv)])
+    return run_cli(lambda args: run_training(recipe, args, command), argv, build_train_parser(recipe))

@@ -231,12 +231,14 @@ def resolve_lr_bounds(args, s, out):
     print(f"LR bounds: lr_max {args.lr_max:.4g}, lr_min {args.lr_min:.4g} (from {args.lr_source})")
 
 
-def run_training(recipe, args):
+def run_training(recipe, args, command):
+    """``command``: the command line that started this process, kept in metrics.json so a run can be
+    repeated; a resumed run keeps the one that started it and lists the resumes after it."""
     validate(args)
     if args.eval_only:
         return evaluate_only(recipe, args)
     if args.runs > 1:
-        return run_many(recipe, args)
+        return run_many(recipe, args, command)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, recipe.name)
@@ -255,7 +257,7 @@ def run_training(recipe, args):
     scaler = make_scaler(device, amp_dtype)
     # Seconds are summed over the processes of a resumed run; each process has its own warm-up.
     state = {"epoch": 0, "history": [], "best_test_acc": 0.0, "train_seconds": 0.0, "train_images": 0,
-             "warmup_seconds": 0.0, "eval_seconds": 0.0}
+             "warmup_seconds": 0.0, "eval_seconds": 0.0, "commands": []}
 
     def checkpoint():
         return {"model_name": recipe.name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -274,7 +276,8 @@ def run_training(recipe, args):
         set_rng_state(ckpt["rng"], s.order_gen, s.aug_gen)
         state.update({k: ckpt[k] for k in state if k in ckpt})
         print(f"Resuming {args.resume} after epoch {state['epoch']} of {args.epochs}")
-    else:
+    state["commands"].append(command)
+    if ckpt is None:
         save_checkpoint(out / "last.pt", checkpoint())
 
     step_model = torch.compile(model) if args.compile else model
@@ -294,8 +297,7 @@ def run_training(recipe, args):
             "batch_size": args.batch_size, "optimizer": args.optimizer, "ema_decay": args.ema_decay,
             "recalibrate_bn": args.recalibrate_bn,
             "flip": args.flip, "train_images": len(s.train.labels),
-            "test_images": len(s.test.labels), "seed": args.seed, "data_load_s": s.data_load_s,
-            "command": " ".join(["python", recipe.script, *sys.argv[1:]])}
+            "test_images": len(s.test.labels), "seed": args.seed, "data_load_s": s.data_load_s}
     print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / "
           f"{info['test_images']} test images, output in {out}")
     first_epoch = state["epoch"] + 1  # of this process: its first step warms up (and compiles)
@@ -343,14 +345,14 @@ def run_training(recipe, args):
     return 0
 
 
-def run_many(recipe, args):
+def run_many(recipe, args, command):
     """--runs N: N independent runs with consecutive seeds, and the spread of their accuracy."""
     base = Path(args.out) if args.out else default_out(recipe)
     finals, bests = [], []
     for i in range(args.runs):
         run_args = type(args)(**{**vars(args), "runs": 1, "seed": args.seed + i, "out": str(base / f"seed{args.seed + i}")})
         print(f"=== run {i + 1}/{args.runs}, seed {run_args.seed} ===")
-        code = run_training(recipe, run_args)
+        code = run_training(recipe, run_args, command)
         if code:
             return code
         with open(Path(run_args.out) / "metrics.json") as f:
@@ -372,7 +374,9 @@ def write_metrics(out, info, state):
     per_s = state["train_images"] / state["train_seconds"] if state["train_seconds"] > 0 else None
     timing = {"data_load_s": info["data_load_s"], "warmup_s": state["warmup_seconds"],
               "train_s": state["train_seconds"], "eval_s": state["eval_seconds"]}
-    write_json(out / "metrics.json", {**info, "best_test_acc": state["best_test_acc"],
+    commands = state["commands"]
+    write_json(out / "metrics.json", {**info, "command": commands[0], "resumed_with": commands[1:],
+                                      "best_test_acc": state["best_test_acc"],
                                       "final_test_acc": history[-1]["test_acc"] if history else None,
                                       "train_images_per_s": per_s, "timing": timing, "history": history})
     write_history_csv(out / "metrics.csv", history)

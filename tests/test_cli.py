@@ -1,6 +1,7 @@
 """train_resnet.py end to end on tiny synthetic data: outputs, exact resume, evaluation, refusals."""
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,10 @@ def assert_same_run(resumed, straight):
 def test_interrupted_run_resumes_to_the_same_result(data, full_run, tmp_path, monkeypatch):
     interrupt_then_resume(data, tmp_path, monkeypatch)
     assert_same_run(tmp_path, full_run)
+    m = metrics(tmp_path)  # the command that repeats the run is the first one, not the resume
+    assert m["command"] == shlex.join(["python", "train_resnet.py", *tiny(data, tmp_path)])
+    assert m["resumed_with"] == [f"python train_resnet.py --resume {tmp_path / 'last.pt'} --no-progress"]
+    assert metrics(full_run)["resumed_with"] == []
 
 
 def test_interrupted_run_with_two_param_groups_resumes_to_the_same_result(data, tmp_path, monkeypatch):
