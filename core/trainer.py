@@ -295,7 +295,7 @@ def run_training(recipe, args, command):
             "device": describe_device(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "lr_max": args.lr_max, "lr_min": args.lr_min, "lr_source": args.lr_source, "epochs": args.epochs,
             "batch_size": args.batch_size, "optimizer": args.optimizer, "ema_decay": args.ema_decay,
-            "recalibrate_bn": args.recalibrate_bn,
+            "recalibrate_bn": args.recalibrate_bn, "tta": args.tta, "tta_shift": args.tta_shift,
             "flip": args.flip, "train_images": len(s.train.labels),
             "test_images": len(s.test.labels), "seed": args.seed, "data_load_s": s.data_load_s}
     print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / "

@@ -72,6 +72,7 @@ def test_tta_changes_the_evaluation_but_not_the_training(data, full_run, tmp_pat
     assert train_resnet.main(tiny(data, tmp_path, "--no-tta")) == 0
     with_tta, without = load_checkpoint(full_run / "last.pt", "resnet"), load_checkpoint(tmp_path / "last.pt", "resnet")
     assert with_tta["args"]["tta"] is True and without["args"]["tta"] is False
+    assert (metrics(full_run)["tta"], metrics(tmp_path)["tta"], metrics(tmp_path)["tta_shift"]) == (True, False, 0)
     assert all(torch.equal(with_tta["model"][k], without["model"][k]) for k in with_tta["model"])
     train_keys = ("train_loss", "train_acc", "lr")
     assert [[h[k] for k in train_keys] for h in metrics(full_run)["history"]] == \
@@ -351,14 +352,15 @@ def test_frozen_bn_scales_and_bias_lr_scale(data, full_run, tmp_path):
     assert metrics(out)["history"][0]["train_loss"] != metrics(full_run)["history"][0]["train_loss"]
 
 
-def test_preset_sets_its_flags_and_explicit_flags_win():
+@pytest.mark.parametrize("name", ["tricks", "best"])
+def test_preset_sets_its_flags_and_explicit_flags_win(name):
     recipe = RECIPES["resnet"]
-    preset = recipe.presets["tricks"]
+    preset = recipe.presets[name]
     plain = vars(build_train_parser(recipe).parse_args([]))
     assert all(dest in plain and plain[dest] != value for dest, value in preset.items()), "a preset must change real flags"
-    tricks = vars(build_train_parser(recipe).parse_args(["--preset", "tricks"]))
-    assert {dest: tricks[dest] for dest in preset} == preset
-    assert {k: v for k, v in tricks.items() if k not in preset and k != "preset"} == \
+    chosen = vars(build_train_parser(recipe).parse_args(["--preset", name]))
+    assert {dest: chosen[dest] for dest in preset} == preset
+    assert {k: v for k, v in chosen.items() if k not in preset and k != "preset"} == \
         {k: v for k, v in plain.items() if k not in preset and k != "preset"}
     mixed = build_train_parser(recipe).parse_args(["--ghost-batch", "16", "--preset", "tricks", "--celu-alpha", "0"])
     assert (mixed.ghost_batch, mixed.celu_alpha, mixed.whiten, mixed.bias_lr_scale) == (16, 0.0, True, 64.0)
