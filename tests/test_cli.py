@@ -362,7 +362,7 @@ def test_preset_sets_its_flags_and_explicit_flags_win(name):
     assert {dest: chosen[dest] for dest in preset} == preset
     assert {k: v for k, v in chosen.items() if k not in preset and k != "preset"} == \
         {k: v for k, v in plain.items() if k not in preset and k != "preset"}
-    mixed = build_train_parser(recipe).parse_args(["--ghost-batch", "16", "--preset", "tricks", "--celu-alpha", "0"])
+    mixed = build_train_parser(recipe).parse_args(["--ghost-batch", "16", "--preset", name, "--celu-alpha", "0"])
     assert (mixed.ghost_batch, mixed.celu_alpha, mixed.whiten, mixed.bias_lr_scale) == (16, 0.0, True, 64.0)
 
 
