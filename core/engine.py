@@ -104,8 +104,9 @@ def evaluate(model, loader, device, amp_dtype, keep_predictions=False, tta=False
     for x, y in loader:
         views = tta_views(x, flip=tta, shift=tta_shift)
         with autocast(device, amp_dtype):
-            logits = sum(model(view) for view in views) / len(views)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            # in fp32: under autocast each view's logits are bf16 or fp16, whose sum rounds
+            logits = sum(model(view).float() for view in views) / len(views)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.argmax(1)
         correct += (pred == y).sum()
         if keep_predictions:

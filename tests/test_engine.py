@@ -50,6 +50,29 @@ def test_shift_views_are_the_flip_views_moved_diagonally_both_ways():
     assert len(tta_views(x)) == 1
 
 
+class HalfPrecisionLogits(torch.nn.Module):
+    """A linear net whose logits come out in bf16, as every net's do under bf16 autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        return (100 * self.linear(x.flatten(1))).to(torch.bfloat16)
+
+
+def test_tta_averages_half_precision_logits_in_fp32():
+    torch.manual_seed(1)
+    images, labels = synthetic_images(40, seed=3)
+    loader = DeviceLoader(Split(images, labels), torch.device("cpu"), 16, [0.5] * 3, [0.25] * 3, train=False)
+    model = HalfPrecisionLogits()
+    with torch.no_grad():
+        x = torch.cat([b for b, _ in loader])
+        logits = sum(model(v).float() for v in tta_views(x, flip=True, shift=2)) / 6
+        result = evaluate(model, loader, torch.device("cpu"), None, tta=True, tta_shift=2)
+    assert abs(result["loss"] - F.cross_entropy(logits, torch.from_numpy(labels)).item()) < 1e-5
+
+
 class GradModeProbe(torch.nn.Module):
     """Records whether autograd was on in each forward: evaluation must never build a graph, or
     its memory grows with every TTA view (a six-view evaluation at batch 1024 ran out of 24 GiB)."""
