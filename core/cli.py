@@ -176,6 +176,9 @@ def build_train_parser(recipe):
     g.add_argument("--tta-shift", type=int, choices=range(9), default=0, metavar="PIXELS",
                    help="also average copies of those views shifted PIXELS (0-8) diagonally each way; "
                         "triples the evaluation cost (default: 0, off)")
+    g.add_argument("--eval-every", type=positive_int, default=1, metavar="N",
+                   help="evaluate on the test set after every Nth epoch and after the last; the epochs between "
+                        "have no test figures (default: 1, every epoch)")
     g.add_argument("--recalibrate-bn", type=non_negative_int, default=0, metavar="IMAGES",
                    help="before each evaluation, re-estimate the BatchNorm statistics over the first IMAGES "
                         "training images (class-balanced), un-augmented: a forward pass over them (default: 0, off)")

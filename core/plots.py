@@ -30,13 +30,16 @@ def plot_curves(history, path):
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    tested = [h for h in history if h["test_acc"] is not None]  # --eval-every skips epochs
+    tested_epochs = [h["epoch"] for h in tested]
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
+    ax_loss.plot(tested_epochs, [h["test_loss"] for h in tested], "o-", label="test")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
-    ax_acc.plot(epochs, [h["test_acc"] for h in history], "o-", label="test")
+    ax_acc.plot(tested_epochs, [h["test_acc"] for h in tested], "o-", label="test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)

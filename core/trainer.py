@@ -296,7 +296,7 @@ def run_training(recipe, args, command):
             "lr_max": args.lr_max, "lr_min": args.lr_min, "lr_source": args.lr_source, "epochs": args.epochs,
             "batch_size": args.batch_size, "optimizer": args.optimizer, "ema_decay": args.ema_decay,
             "recalibrate_bn": args.recalibrate_bn, "tta": args.tta, "tta_shift": args.tta_shift,
-            "flip": args.flip, "train_images": len(s.train.labels),
+            "eval_every": args.eval_every, "flip": args.flip, "train_images": len(s.train.labels),
             "test_images": len(s.test.labels), "seed": args.seed, "data_load_s": s.data_load_s}
     print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / "
           f"{info['test_images']} test images, output in {out}")
@@ -310,10 +310,12 @@ def run_training(recipe, args, command):
             s.train_loader.set_epoch(epoch)
             tr = train_epoch(step_model, s.train_loader, optimizer, schedule, s.loss_fn, device, amp_dtype, scaler,
                              progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}", ema=s.ema)
-            eval_start = time.perf_counter()
-            ev = evaluate_now(keep_predictions=epoch == args.epochs)
-            state["eval_seconds"] += time.perf_counter() - eval_start
-            print(format_test_line(ev))
+            evaluated = epoch % args.eval_every == 0 or epoch == args.epochs
+            if evaluated:
+                eval_start = time.perf_counter()
+                ev = evaluate_now(keep_predictions=epoch == args.epochs)
+                state["eval_seconds"] += time.perf_counter() - eval_start
+                print(format_test_line(ev))
             if args.no_progress or not sys.stderr.isatty():
                 print(f"  train: loss {tr['loss']:.4f}, accuracy {tr['acc']:.2f}%, {tr['seconds']:.1f}s")
             warmup = tr["first_step_s"] if epoch == first_epoch else 0.0
@@ -321,11 +323,13 @@ def run_training(recipe, args, command):
             state["train_seconds"] += tr["seconds"] - warmup
             state["train_images"] += tr["images"] - (args.batch_size if epoch == first_epoch else 0)
             state["history"].append({"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
-                                     "test_loss": ev["loss"], "test_acc": ev["acc"],
+                                     "test_loss": ev["loss"] if evaluated else None,
+                                     "test_acc": ev["acc"] if evaluated else None,
                                      "epoch_time_s": time.perf_counter() - epoch_start})
             state["epoch"] = epoch
-            is_best = ev["acc"] > state["best_test_acc"]
-            state["best_test_acc"] = max(state["best_test_acc"], ev["acc"])
+            is_best = evaluated and ev["acc"] > state["best_test_acc"]
+            if is_best:
+                state["best_test_acc"] = ev["acc"]
             save_checkpoint(out / "last.pt", checkpoint())
             if is_best:
                 save_checkpoint(out / "best.pt", checkpoint())

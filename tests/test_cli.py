@@ -79,6 +79,23 @@ def test_tta_changes_the_evaluation_but_not_the_training(data, full_run, tmp_pat
         [[h[k] for k in train_keys] for h in metrics(tmp_path)["history"]]
 
 
+def test_eval_every_skips_test_figures_between_evaluations_but_trains_the_same(data, full_run, tmp_path, capsys):
+    assert train_resnet.main(tiny(data, tmp_path, "--eval-every", "2")) == 0
+    assert capsys.readouterr().out.count("Test set:") == 2  # epoch 2, and the last
+    every, sparse = metrics(full_run)["history"], metrics(tmp_path)["history"]
+    assert [h[k] for h in sparse for k in ("train_loss", "train_acc", "lr")] == \
+        [h[k] for h in every for k in ("train_loss", "train_acc", "lr")]
+    assert sparse[0]["test_acc"] is None and sparse[0]["test_loss"] is None
+    assert [(h["test_loss"], h["test_acc"]) for h in sparse[1:]] == [(h["test_loss"], h["test_acc"]) for h in every[1:]]
+    m = metrics(tmp_path)
+    assert m["eval_every"] == 2 and metrics(full_run)["eval_every"] == 1
+    assert m["best_test_acc"] == max(h["test_acc"] for h in sparse[1:]) and m["final_test_acc"] == sparse[2]["test_acc"]
+    assert load_checkpoint(tmp_path / "best.pt", "resnet")["epoch"] in (2, 3)
+    first_row = (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")
+    assert first_row[4:6] == ["", ""]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_log_has_the_seed_style_lines(data, tmp_path, capsys):
     assert train_resnet.main(tiny(data, tmp_path, "--epochs", "2")) == 0
     out = capsys.readouterr().out
@@ -200,7 +217,8 @@ def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(data, tm
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 0
 
 
-@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--batch-size", "-4"], ["--lr-max", "-0.1"], ["--lr-max", "0"]])
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--batch-size", "-4"], ["--lr-max", "-0.1"], ["--lr-max", "0"],
+                                   ["--eval-every", "0"]])
 def test_non_positive_numbers_are_refused_by_the_parser(data, tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exit_info:
         train_resnet.main(tiny(data, tmp_path / "out", *flags))
