@@ -34,6 +34,11 @@ def metrics(out):
     return json.loads((Path(out) / "metrics.json").read_text())
 
 
+def training_figures(m):
+    """Per epoch, what training alone decides: evaluation settings must leave these unchanged."""
+    return [(h["train_loss"], h["train_acc"], h["lr"]) for h in m["history"]]
+
+
 def one_error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0], err
@@ -74,17 +79,14 @@ def test_tta_changes_the_evaluation_but_not_the_training(data, full_run, tmp_pat
     assert with_tta["args"]["tta"] is True and without["args"]["tta"] is False
     assert (metrics(full_run)["tta"], metrics(tmp_path)["tta"], metrics(tmp_path)["tta_shift"]) == (True, False, 0)
     assert all(torch.equal(with_tta["model"][k], without["model"][k]) for k in with_tta["model"])
-    train_keys = ("train_loss", "train_acc", "lr")
-    assert [[h[k] for k in train_keys] for h in metrics(full_run)["history"]] == \
-        [[h[k] for k in train_keys] for h in metrics(tmp_path)["history"]]
+    assert training_figures(metrics(full_run)) == training_figures(metrics(tmp_path))
 
 
 def test_eval_every_skips_test_figures_between_evaluations_but_trains_the_same(data, full_run, tmp_path, capsys):
     assert train_resnet.main(tiny(data, tmp_path, "--eval-every", "2")) == 0
     assert capsys.readouterr().out.count("Test set:") == 2  # epoch 2, and the last
     every, sparse = metrics(full_run)["history"], metrics(tmp_path)["history"]
-    assert [h[k] for h in sparse for k in ("train_loss", "train_acc", "lr")] == \
-        [h[k] for h in every for k in ("train_loss", "train_acc", "lr")]
+    assert training_figures(metrics(tmp_path)) == training_figures(metrics(full_run))
     assert sparse[0]["test_acc"] is None and sparse[0]["test_loss"] is None
     assert [(h["test_loss"], h["test_acc"]) for h in sparse[1:]] == [(h["test_loss"], h["test_acc"]) for h in every[1:]]
     m = metrics(tmp_path)
@@ -182,7 +184,7 @@ def test_recalibrated_bn_leaves_training_alone_and_eval_only_reproduces_it(data,
     out = tmp_path / "recal"
     assert train_resnet.main(tiny(data, out, "--recalibrate-bn", "120")) == 0
     plain, recal = metrics(full_run)["history"], metrics(out)["history"]
-    assert [h["train_loss"] for h in recal] == [h["train_loss"] for h in plain]
+    assert training_figures(metrics(out)) == training_figures(metrics(full_run))
     assert [h["test_loss"] for h in recal] != [h["test_loss"] for h in plain]
     assert metrics(out)["recalibrate_bn"] == 120
     assert train_resnet.main(["--eval-only", "--resume", str(full_run / "last.pt"), "--data", str(data),
