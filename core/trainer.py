@@ -129,11 +129,17 @@ def pick_runtime(args):
     return device, pick_amp(args.amp, device)
 
 
+def plain_batches(args, split, device, mean, std, batch_size=None):
+    """``split`` in order and un-augmented, laid out as the model is: what evaluation and
+    --recalibrate-bn read, in batches of ``batch_size`` (default --eval-batch-size)."""
+    return DeviceLoader(split, device, batch_size or args.eval_batch_size, mean, std, train=False,
+                        channels_last=args.channels_last)
+
+
 def bn_images(args, train, device, mean, std, batch_size):
     """The un-augmented training images that --recalibrate-bn re-estimates BN statistics on, in
     batches of ``batch_size``: the training batch size, which the batch statistics depend on."""
-    return DeviceLoader(take(train, args.recalibrate_bn), device, batch_size, mean, std, train=False,
-                        channels_last=args.channels_last)
+    return plain_batches(args, take(train, args.recalibrate_bn), device, mean, std, batch_size)
 
 
 def evaluate_only(recipe, args):
@@ -153,9 +159,7 @@ def evaluate_only(recipe, args):
     if args.recalibrate_bn:
         bn_loader = bn_images(args, ds.train, device, ckpt["mean"], ckpt["std"], ckpt["args"]["batch_size"])
         recalibrate_bn(model, bn_loader, device, amp_dtype)
-    test = take(ds.test, args.test_subset)
-    loader = DeviceLoader(test, device, args.eval_batch_size, ckpt["mean"], ckpt["std"], train=False,
-                          channels_last=args.channels_last)
+    loader = plain_batches(args, take(ds.test, args.test_subset), device, ckpt["mean"], ckpt["std"])
     result = evaluate(model, loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift)
     print(format_test_line(result))
     out = Path(args.out) if args.out else Path(args.resume).parent
@@ -200,8 +204,7 @@ class Setup:
             self.model = self.model.to(memory_format=torch.channels_last)
         # After the layout change, which makes new tensors: the average follows these ones.
         self.ema = WeightEMA(self.model, args.ema_decay) if args.ema_decay else None
-        self.test_loader = DeviceLoader(self.test, self.device, args.eval_batch_size, self.mean, self.std,
-                                        train=False, channels_last=args.channels_last)
+        self.test_loader = plain_batches(args, self.test, self.device, self.mean, self.std)
         # The LR here is a placeholder: the schedule (or the range test) sets it every step.
         self.optimizer = make_optimizer(args.optimizer, self.model, 0.0, args.weight_decay,
                                         args.bias_lr_scale)
