@@ -1,5 +1,6 @@
 """train_resnet.py end to end on tiny synthetic data: outputs, exact resume, evaluation, refusals."""
 
+import inspect
 import json
 import shlex
 import subprocess
@@ -13,6 +14,7 @@ import train_resnet
 from core import trainer
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.cli import build_train_parser
+from core.models import MODELS
 from core.recipes import RECIPES
 from tests.conftest import write_batches, write_image_folder
 
@@ -384,6 +386,18 @@ def test_preset_sets_its_flags_and_explicit_flags_win(name):
         {k: v for k, v in plain.items() if k not in preset and k != "preset"}
     mixed = build_train_parser(recipe).parse_args(["--ghost-batch", "16", "--preset", name, "--celu-alpha", "0"])
     assert (mixed.ghost_batch, mixed.celu_alpha, mixed.whiten, mixed.bias_lr_scale) == (16, 0.0, True, 64.0)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_model_and_augment_flag_defaults_are_the_constructor_defaults(name):
+    # A checkpoint older than a flag lacks it, and evaluation or --resume then leaves that keyword to
+    # the constructor: if the two defaults differed, it would rebuild another model than it trained.
+    recipe = RECIPES[name]
+    flags = vars(build_train_parser(recipe).parse_args([]))
+    for build, kwargs in ((MODELS[name], recipe.model_kwargs(flags)), (recipe.augment, recipe.augment_kwargs(flags))):
+        params = inspect.signature(build).parameters
+        assert kwargs == {key: params[key].default for key in kwargs}, build.__name__
+    assert recipe.model_kwargs(flags).keys() == {flag.lstrip("-").replace("-", "_") for flag, _ in recipe.model_flags}
 
 
 def test_unknown_preset_is_refused(data, tmp_path, capsys):
