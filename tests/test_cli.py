@@ -87,12 +87,12 @@ def test_tta_changes_the_evaluation_but_not_the_training(data, full_run, tmp_pat
 def test_eval_every_skips_test_figures_between_evaluations_but_trains_the_same(data, full_run, tmp_path, capsys):
     assert train_resnet.main(tiny(data, tmp_path, "--eval-every", "2")) == 0
     assert capsys.readouterr().out.count("Test set:") == 2  # epoch 2, and the last
-    every, sparse = metrics(full_run)["history"], metrics(tmp_path)["history"]
-    assert training_figures(metrics(tmp_path)) == training_figures(metrics(full_run))
+    m, m_every = metrics(tmp_path), metrics(full_run)
+    every, sparse = m_every["history"], m["history"]
+    assert training_figures(m) == training_figures(m_every)
     assert sparse[0]["test_acc"] is None and sparse[0]["test_loss"] is None
     assert [(h["test_loss"], h["test_acc"]) for h in sparse[1:]] == [(h["test_loss"], h["test_acc"]) for h in every[1:]]
-    m = metrics(tmp_path)
-    assert m["eval_every"] == 2 and metrics(full_run)["eval_every"] == 1
+    assert m["eval_every"] == 2 and m_every["eval_every"] == 1
     assert m["best_test_acc"] == max(h["test_acc"] for h in sparse[1:]) and m["final_test_acc"] == sparse[2]["test_acc"]
     assert load_checkpoint(tmp_path / "best.pt", "resnet")["epoch"] in (2, 3)
     first_row = (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")
@@ -185,10 +185,11 @@ def test_recalibrated_bn_leaves_training_alone_and_eval_only_reproduces_it(data,
     run's checkpoint, must then reproduce the flagged run's final evaluation."""
     out = tmp_path / "recal"
     assert train_resnet.main(tiny(data, out, "--recalibrate-bn", "120")) == 0
-    plain, recal = metrics(full_run)["history"], metrics(out)["history"]
-    assert training_figures(metrics(out)) == training_figures(metrics(full_run))
+    m, m_plain = metrics(out), metrics(full_run)
+    plain, recal = m_plain["history"], m["history"]
+    assert training_figures(m) == training_figures(m_plain)
     assert [h["test_loss"] for h in recal] != [h["test_loss"] for h in plain]
-    assert metrics(out)["recalibrate_bn"] == 120
+    assert m["recalibrate_bn"] == 120
     assert train_resnet.main(["--eval-only", "--resume", str(full_run / "last.pt"), "--data", str(data),
                               "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none",
                               "--recalibrate-bn", "120"]) == 0
