@@ -179,6 +179,17 @@ def test_ema_and_alternating_flip_resume_exactly_and_evaluation_uses_the_average
     assert (evaluated["test_acc"], evaluated["test_loss"]) == (final["test_acc"], pytest.approx(final["test_loss"]))
 
 
+def test_the_average_leaves_training_alone(data, full_run, tmp_path):
+    """The average only reads the live weights, so runs that differ in --ema-decay alone train the
+    same weights: one trajectory can be judged under several averages (README, Results)."""
+    out = tmp_path / "ema"
+    assert train_resnet.main(tiny(data, out, "--ema-decay", "0.8")) == 0
+    assert training_figures(metrics(out)) == training_figures(metrics(full_run))
+    averaged, plain = load_checkpoint(out / "last.pt"), load_checkpoint(full_run / "last.pt")
+    assert all(torch.equal(averaged["model"][k], plain["model"][k]) for k in plain["model"])
+    assert plain["ema"] is None and not torch.equal(averaged["ema"]["fc.weight"], plain["model"]["fc.weight"])
+
+
 def test_recalibrated_bn_leaves_training_alone_and_eval_only_reproduces_it(data, full_run, tmp_path, capsys):
     """Recalibration rewrites only BN running statistics, which training (in train mode) never
     reads, so the run trains exactly as without the flag; --eval-only with the flag, on the plain
