@@ -127,7 +127,7 @@ def recalibrate_bn(model, loader, device, amp_dtype):
     them too, so they may misdescribe clean images or the averaged weights. One pass over
     un-augmented training images, with equal weight per batch, replaces them. Only the running
     statistics change: the parameters and the training trajectory do not. Measured here, it
-    repairs an average early in a run but lowers a finished run's accuracy (README, Results).
+    repairs an average early in a run but lowers a finished run's accuracy (docs/results.md).
     """
     from torch.optim.swa_utils import update_bn
 

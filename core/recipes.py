@@ -80,7 +80,7 @@ RECIPES = {
                                         "0: no cutout)")),
         ),
         # tricks: five items of Page's bag of tricks that paid off together; best: those plus the
-        # remaining items of his code and airbench's, the highest mean measured here (README, Results).
+        # remaining items of his code and airbench's, the highest mean measured here (docs/results.md).
         presets={"tricks": TRICKS,
                  "best": dict(**TRICKS, ema_decay=0.99, flip="alternating", logit_scale=0.0625, tta_shift=2)},
     ),

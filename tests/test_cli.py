@@ -181,7 +181,7 @@ def test_ema_and_alternating_flip_resume_exactly_and_evaluation_uses_the_average
 
 def test_the_average_leaves_training_alone(data, full_run, tmp_path):
     """The average only reads the live weights, so runs that differ in --ema-decay alone train the
-    same weights: one trajectory can be judged under several averages (README, Results)."""
+    same weights: one trajectory can be judged under several averages (docs/results.md)."""
     out = tmp_path / "ema"
     assert train_resnet.main(tiny(data, out, "--ema-decay", "0.8")) == 0
     assert training_figures(metrics(out)) == training_figures(metrics(full_run))
