@@ -64,6 +64,15 @@ def cpu_has_fast_bf16():
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cuda_has_native_bf16(device):
+    """True on Ampere and later (compute capability 8.0+) and on ROCm GPUs.
+
+    Not ``torch.cuda.is_bf16_supported()``: by default that also counts emulation, so it answers
+    True on a T4 (7.5), which has no bf16 hardware. The T4 wants fp16 with loss scaling instead.
+    """
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def pick_amp(mode, device):
     """Resolve --amp to None (fp32), torch.bfloat16 or torch.float16 for ``device``.
 
@@ -81,7 +90,7 @@ def pick_amp(mode, device):
     if mode != "auto":
         raise UserError(f"--amp {mode}: unknown mode; choose auto, bf16, fp16 or off")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return None

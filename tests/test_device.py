@@ -11,12 +11,17 @@ from core import device as dev
 from core.errors import UserError
 
 
-def test_auto_amp_on_cuda_prefers_bf16_and_falls_back_to_fp16(monkeypatch):
-    cuda = torch.device("cuda")
+@pytest.mark.parametrize("capability, expected", [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
+                                                  ((7, 5), torch.float16), ((7, 0), torch.float16)])
+def test_auto_amp_on_cuda_takes_bf16_only_where_it_is_native(monkeypatch, capability, expected):
+    """A100/H100 get bf16; a T4 (7.5) or V100 (7.0) gets fp16, although torch's own
+    is_bf16_supported() answers True there (it counts emulation), as it does on a real T4."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert dev.pick_amp("auto", cuda) is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4
-    assert dev.pick_amp("auto", cuda) is torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert dev.pick_amp("auto", torch.device("cuda")) is expected
+    assert dev.pick_amp("fp16", torch.device("cuda")) is torch.float16
+    assert dev.pick_amp("bf16", torch.device("cuda")) is torch.bfloat16  # asked for: granted, even emulated
 
 
 def test_auto_amp_on_cpu_follows_the_bf16_hardware(monkeypatch):
