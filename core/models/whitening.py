@@ -58,8 +58,9 @@ class WhitenedConv2d(nn.Module):
             total += patches.sum(0)
             outer += patches.T @ patches
             count += len(patches)
-        mean = (total / count).double().cpu()
-        cov = outer.double().cpu() / count - torch.outer(mean, mean)
+        # To the CPU before float64, which Apple's MPS cannot hold; eigh runs on the CPU anyway.
+        mean = (total / count).cpu().double()
+        cov = outer.cpu().double() / count - torch.outer(mean, mean)
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         basis = eigenvectors.T / (eigenvalues.clamp(min=0) + self.eps).sqrt()[:, None]
         self.basis.copy_(basis.to(self.basis))
