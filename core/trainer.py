@@ -103,16 +103,29 @@ def make_optimizer(name, model, lr, weight_decay, bias_lr_scale=1.0):
 
 
 def rng_state(order_gen, aug_gen):
-    state = {"torch": torch.get_rng_state(), "order": order_gen.get_state(), "aug": aug_gen.get_state()}
+    state = {"torch": torch.get_rng_state(), "order": order_gen.get_state(), "aug": aug_gen.get_state(),
+             "aug_device": aug_gen.device.type}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state, order_gen, aug_gen):
+def set_rng_state(state, order_gen, aug_gen, path):
+    """Put back every generator a run draws from. The augmentation generator lives on the training
+    device, and each kind of device has its own generator, so its state cannot move to another
+    kind: such a resume could not be exact, and is refused (evaluation is not)."""
+    saved, here = state.get("aug_device"), aug_gen.device.type  # older checkpoints do not say
+    refusal = UserError(f"{path} was trained on {saved or 'another kind of device'} and this run is on {here}: "
+                        f"an exact resume needs the same kind of device, so resume with --device "
+                        f"{saved or 'as it was trained'} (--eval-only runs anywhere)")
+    if saved not in (None, here):
+        raise refusal
+    try:
+        aug_gen.set_state(state["aug"])
+    except RuntimeError:  # a state of another kind of generator
+        raise refusal from None
     torch.set_rng_state(state["torch"])
     order_gen.set_state(state["order"])
-    aug_gen.set_state(state["aug"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -273,10 +286,11 @@ def run_training(recipe, args, command):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the run trained without fp16: a new loss scale then starts here
+            scaler.load_state_dict(ckpt["scaler"])
         if s.ema:
             s.ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"], s.order_gen, s.aug_gen)
+        set_rng_state(ckpt["rng"], s.order_gen, s.aug_gen, args.resume)
         state.update({k: ckpt[k] for k in state if k in ckpt})
         print(f"Resuming {args.resume} after epoch {state['epoch']} of {args.epochs}")
     state["commands"].append(command)

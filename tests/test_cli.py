@@ -338,6 +338,43 @@ def test_bad_resume_paths(tmp_path, capsys, make, message):
     assert message in one_error_line(capsys)
 
 
+def cuda_trained(ckpt):
+    ckpt["rng"]["aug_device"] = "cuda"
+
+
+def cuda_trained_before_the_device_was_saved(ckpt):
+    del ckpt["rng"]["aug_device"]
+    ckpt["rng"]["aug"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA (Philox) generator's state
+
+
+@pytest.mark.parametrize("edit, message", [
+    (cuda_trained, "was trained on cuda and this run is on cpu: an exact resume needs the same kind of device, "
+                   "so resume with --device cuda"),
+    (cuda_trained_before_the_device_was_saved, "was trained on another kind of device and this run is on cpu"),
+])
+def test_resuming_on_another_kind_of_device_is_refused(full_run, tmp_path, capsys, edit, message):
+    """The augmentation generator lives on the training device and cannot move to another kind."""
+    ckpt = load_checkpoint(full_run / "last.pt")
+    edit(ckpt)
+    save_checkpoint(tmp_path / "last.pt", ckpt)
+    assert train_resnet.main(["--resume", str(tmp_path / "last.pt"), "--device", "cpu", "--no-progress"]) == 1
+    assert message in one_error_line(capsys)
+
+
+def test_a_run_without_fp16_resumes_under_fp16_loss_scaling(data, tmp_path, monkeypatch):
+    """A run started on an A100 (bf16, so no loss scale saved) and resumed on a T4 (fp16, with a
+    GradScaler) must go on with a new loss scale rather than fail to load the empty one."""
+    interrupted = tmp_path / "run"
+    monkeypatch.setattr(trainer, "train_epoch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert train_resnet.main(tiny(data, interrupted)) == 130
+    assert load_checkpoint(interrupted / "last.pt")["scaler"] == {}
+    monkeypatch.undo()
+    monkeypatch.setattr(trainer, "make_scaler", lambda *a: torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
+    assert train_resnet.main(["--resume", str(interrupted / "last.pt"), "--no-progress"]) == 0
+    assert load_checkpoint(interrupted / "last.pt")["scaler"]["scale"] > 0
+    assert metrics(interrupted)["history"][-1]["epoch"] == 3
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda d: d / "nowhere", "does not exist"),
     (lambda d: (d / "empty").mkdir() or d / "empty", "is empty"),
