@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.cli import ArgumentParser, add_cache_arg, positive_int, run_cli  # noqa: E402
 from core.data import DeviceLoader, channel_stats  # noqa: E402
-from core.device import keep_freed_memory, make_scaler, pick_amp, pick_device  # noqa: E402
+from core.device import autotune_convolutions, keep_freed_memory, make_scaler, pick_amp, pick_device  # noqa: E402
 from core.engine import synchronize, train_step  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.models import build_model  # noqa: E402
@@ -125,6 +125,7 @@ def benchmark(args):
     if not (Path(args.data) / "train").is_dir():
         raise UserError(f"{args.data} has no train/ folder: the seed pipeline needs an unpacked image folder")
     device = pick_device(args.device)
+    autotune_convolutions(device)  # for both pipelines alike
     ds = load_data(args, need_train=True)
     mean, std = channel_stats(ds.train.images)
     rows, seed = [], {}

@@ -53,6 +53,20 @@ def keep_freed_memory(device):
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def autotune_convolutions(device):
+    """On CUDA, let cuDNN time its convolution algorithms on the first batch of each shape and
+    keep the fastest, as airbench and Page's code do. A run here feeds a few fixed shapes (the
+    training batch, the evaluation batch, the last partial one), so the search is paid once per
+    shape. The choice may differ between runs, so CUDA runs are not bit-reproducible; nor are
+    they without it, since some cuDNN backward kernels are nondeterministic. Returns whether it
+    was turned on. Its speed-up has not been measured here: no GPU was available.
+    """
+    if device.type != "cuda":
+        return False
+    torch.backends.cudnn.benchmark = True
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_has_fast_bf16():
     """True on CPUs with AMX or AVX512-BF16, where bf16 matmuls beat fp32 by a wide margin."""

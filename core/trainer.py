@@ -16,7 +16,7 @@ from torch import nn
 from . import plots
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEFAULT_CACHE, DeviceLoader, Split, balanced_subset, channel_stats, load_dataset
-from .device import keep_freed_memory, make_scaler, pick_amp, pick_device
+from .device import autotune_convolutions, keep_freed_memory, make_scaler, pick_amp, pick_device
 from .ema import WeightEMA
 from .engine import NonFiniteLoss, evaluate, format_test_line, recalibrate_bn, train_epoch
 from .errors import UserError
@@ -136,9 +136,10 @@ def load_data(args, need_train):
 
 
 def pick_runtime(args):
-    """The device and autocast dtype the flags ask for, with the allocator set up for that device."""
+    """The device and autocast dtype the flags ask for, with the allocator and cuDNN set up for it."""
     device = pick_device(args.device)
     keep_freed_memory(device)
+    autotune_convolutions(device)
     return device, pick_amp(args.amp, device)
 
 

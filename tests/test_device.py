@@ -24,6 +24,28 @@ def test_auto_amp_on_cuda_takes_bf16_only_where_it_is_native(monkeypatch, capabi
     assert dev.pick_amp("bf16", torch.device("cuda")) is torch.bfloat16  # asked for: granted, even emulated
 
 
+def test_cudnn_autotuning_is_turned_on_for_cuda_runs_only(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # and restored afterwards
+    assert not dev.autotune_convolutions(torch.device("cpu")) and not torch.backends.cudnn.benchmark
+    assert not dev.autotune_convolutions(torch.device("mps")) and not torch.backends.cudnn.benchmark
+    assert dev.autotune_convolutions(torch.device("cuda")) and torch.backends.cudnn.benchmark
+
+
+def test_a_run_on_a_t4_trains_in_fp16_with_cudnn_autotuning(monkeypatch):
+    """What a run's setup picks on Colab's T4, with torch.cuda answering as a real one does."""
+    from argparse import Namespace
+
+    from core.trainer import pick_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    device, amp_dtype = pick_runtime(Namespace(device="auto", amp="auto"))
+    assert (device.type, amp_dtype, torch.backends.cudnn.benchmark) == ("cuda", torch.float16, True)
+
+
 def test_auto_amp_on_cpu_follows_the_bf16_hardware(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: True)
