@@ -115,15 +115,15 @@ def set_rng_state(state, order_gen, aug_gen, path):
     device, and each kind of device has its own generator, so its state cannot move to another
     kind: such a resume could not be exact, and is refused (evaluation is not)."""
     saved, here = state.get("aug_device"), aug_gen.device.type  # older checkpoints do not say
-    refusal = UserError(f"{path} was trained on {saved or 'another kind of device'} and this run is on {here}: "
-                        f"an exact resume needs the same kind of device, so resume with --device "
-                        f"{saved or 'as it was trained'} (--eval-only runs anywhere)")
+    fix = f"resume with --device {saved}" if saved else "resume it on the kind it trained on"
+    refusal = (f"{path} was trained on {saved or 'another kind of device'} and this run is on {here}: an exact "
+               f"resume needs the same kind of device, so {fix} (--eval-only runs anywhere)")
     if saved not in (None, here):
-        raise refusal
+        raise UserError(refusal)
     try:
         aug_gen.set_state(state["aug"])
     except RuntimeError:  # a state of another kind of generator
-        raise refusal from None
+        raise UserError(refusal) from None
     torch.set_rng_state(state["torch"])
     order_gen.set_state(state["order"])
     if "cuda" in state and torch.cuda.is_available():

@@ -350,7 +350,9 @@ def cuda_trained_before_the_device_was_saved(ckpt):
 @pytest.mark.parametrize("edit, message", [
     (cuda_trained, "was trained on cuda and this run is on cpu: an exact resume needs the same kind of device, "
                    "so resume with --device cuda"),
-    (cuda_trained_before_the_device_was_saved, "was trained on another kind of device and this run is on cpu"),
+    (cuda_trained_before_the_device_was_saved, "was trained on another kind of device and this run is on cpu: "
+                                               "an exact resume needs the same kind of device, so resume it on "
+                                               "the kind it trained on"),
 ])
 def test_resuming_on_another_kind_of_device_is_refused(full_run, tmp_path, capsys, edit, message):
     """The augmentation generator lives on the training device and cannot move to another kind."""
