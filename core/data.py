@@ -15,7 +15,9 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,19 +213,31 @@ def _load_archive(path, need_train):
 
 
 def download_cifar10(root):
-    """Fetch the official python version into ``root`` with torchvision's checksum verification."""
+    """Fetch the official python version into ``root`` with torchvision's checksum verification.
+
+    The download and its extraction happen in a staging folder beside ``root``, and only the
+    verified ``cifar-10-batches-py/`` is moved in. A failed or interrupted download therefore
+    leaves nothing behind: no empty ``root`` and no partial archive that the next run would
+    mistake for a dataset instead of downloading again.
+    """
     try:
         from torchvision.datasets import CIFAR10
     except ImportError:
         raise UserError("downloading CIFAR-10 needs torchvision (pip install torchvision), "
                         "or pass --data PATH to a local copy") from None
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-download-", dir=root.parent))
     try:
-        CIFAR10(str(root), train=True, download=True)
-        CIFAR10(str(root), train=False, download=True)
+        CIFAR10(str(staging), train=True, download=True)
+        CIFAR10(str(staging), train=False, download=True)
+        root.mkdir(exist_ok=True)
+        os.replace(staging / BATCHES_DIR, root / BATCHES_DIR)
     except Exception as exc:  # URLError, timeouts, checksum failures, ...
         raise UserError(f"could not download CIFAR-10 into {root} ({exc.__class__.__name__}: {exc}); "
                         f"without internet, pass --data PATH to a local copy (cifar-10-batches-py folder, "
                         f"image folder, or .tar.gz)") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- cache
@@ -269,7 +283,6 @@ def load_dataset(data, need_train=True, download=False, cache_dir=DEFAULT_CACHE)
     """
     path = Path(data).expanduser()
     if download and (not path.exists() or (path.is_dir() and not any(path.iterdir()))):
-        path.mkdir(parents=True, exist_ok=True)
         download_cifar10(path)
     if not path.exists():
         raise UserError(f"data path {path} does not exist: pass --data PATH to CIFAR-10 "

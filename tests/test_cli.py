@@ -400,6 +400,7 @@ def test_default_data_without_internet(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert train_resnet.main(["--device", "cpu", "--cache-dir", "none", "--out", "out"]) == 1
     assert "pass --data PATH to a local copy" in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []  # no ./data left behind, and no output folder
 
 
 def test_real_process_exits_non_zero_without_a_traceback(tmp_path):

@@ -1,8 +1,10 @@
 """Every data source the loader accepts, its cache, subsets, batching, and its refusals."""
 
+import functools
 import os
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,17 +205,85 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_download_without_internet_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
-    import urllib.error
+def interrupted_cifar10(failure):
+    """torchvision's CIFAR10(root, download=True) cut off half way through writing its archive
+    under ``root``, as a dropped connection or a Ctrl-C leaves it."""
+
+    def cifar10(root, train, download):
+        (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"partial archive")
+        raise failure
+
+    return cifar10
+
+
+@pytest.mark.parametrize("failure, raised", [
+    (OSError("Temporary failure in name resolution"), UserError),
+    (KeyboardInterrupt(), KeyboardInterrupt),
+])
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, failure, raised):
+    """Not even the folder: a partial archive in ./data would stop the next run from downloading."""
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", interrupted_cifar10(failure))
+    with pytest.raises(raised, match="pass --data PATH to a local copy" if raised is UserError else None):
+        load_dataset(tmp_path / "data", download=True, cache_dir=None)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()  # a folder the user made stays, empty, as it was
+    with pytest.raises(raised):
+        load_dataset(tmp_path / "empty", download=True, cache_dir=None)
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"] and not any((tmp_path / "empty").iterdir())
+
+
+@pytest.fixture
+def cifar_server(tmp_path, monkeypatch):
+    """A local web server in place of the official one, serving a synthetic cifar-10-python.tar.gz,
+    with torchvision's CIFAR10 pointed at it and told the checksums of its files: the real
+    download, checksum and extraction code then runs as it does against the internet."""
+    import hashlib
+    import http.server
+    import threading
 
     import torchvision.datasets
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("Temporary failure in name resolution")
+    def md5(path):
+        return hashlib.md5(path.read_bytes()).hexdigest()
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(UserError, match="pass --data PATH to a local copy"):
-        load_dataset(tmp_path / "data", download=True, cache_dir=None)
+    site = tmp_path / "site"
+    batches = write_batches(site / "cifar-10-batches-py")
+    with tarfile.open(site / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(batches, arcname="cifar-10-batches-py")
+    cls = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", md5(batches / f"data_batch_{i}")] for i in range(1, 6)])
+    monkeypatch.setattr(cls, "test_list", [["test_batch", md5(batches / "test_batch")]])
+    monkeypatch.setattr(cls, "meta", {"filename": "batches.meta", "key": "label_names",
+                                      "md5": md5(batches / "batches.meta")})
+    monkeypatch.setattr(cls, "tgz_md5", md5(site / "cifar-10-python.tar.gz"))
+    monkeypatch.setenv("no_proxy", "*")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(cls, "url", f"http://127.0.0.1:{server.server_port}/cifar-10-python.tar.gz")
+    yield site
+    server.shutdown()
+    server.server_close()
+
+
+def test_real_download_verifies_extracts_and_keeps_only_the_batches(tmp_path, cifar_server):
+    root = tmp_path / "work" / "data"
+    check(load_dataset(root, download=True, cache_dir=None))
+    assert [p.name for p in root.iterdir()] == ["cifar-10-batches-py"]
+    assert [p.name for p in root.parent.iterdir()] == ["data"]
+
+
+def test_real_download_with_a_wrong_checksum_is_refused_and_leaves_nothing(tmp_path, cifar_server, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "tgz_md5", "0" * 32)  # as if the transfer was corrupted
+    (tmp_path / "work").mkdir()
+    with pytest.raises(UserError, match="could not download CIFAR-10"):
+        load_dataset(tmp_path / "work" / "data", download=True, cache_dir=None)
+    assert list((tmp_path / "work").iterdir()) == []
 
 
 def test_loader_alternates_flips_by_epoch_and_drops_the_recipe_flip():
