@@ -217,8 +217,8 @@ def download_cifar10(root):
 
     The download and its extraction happen in a staging folder beside ``root``, and only the
     verified ``cifar-10-batches-py/`` is moved in. A failed or interrupted download therefore
-    leaves nothing behind: no empty ``root`` and no partial archive that the next run would
-    mistake for a dataset instead of downloading again.
+    leaves nothing behind: no empty ``root``, and no partial archive that would make ``root``
+    non-empty, so the next run would reject it as holding no CIFAR-10 instead of downloading again.
     """
     try:
         from torchvision.datasets import CIFAR10
