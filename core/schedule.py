@@ -115,12 +115,15 @@ class OneCycle(StepSchedule):
             start = 0.0
             for k, (end, lr_from, lr_to, m_from, m_to) in enumerate(self.phases):
                 if step <= end or k == len(self.phases) - 1:
-                    pct = (step - start) / (end - start)
+                    # A phase of no length (a warm-up of one step) is already at its end value;
+                    # torch divides by zero there.
+                    pct = (step - start) / (end - start) if end != start else 1.0
                     lrs.append(anneal(lr_table[lr_from], lr_table[lr_to], pct, self.anneal_strategy))
                     moms.append(anneal(mom_table[m_from], mom_table[m_to], pct, self.anneal_strategy))
                     break
                 start = end
         return lrs, moms
+
 
 def one_cycle_for_recipe(optimizer, lr_max, lr_min, epochs, steps_per_epoch, max_at_epoch, cycle_momentum=True):
     """The assignments' one-cycle: linear up from lr_min to lr_max at ``max_at_epoch``, then
@@ -204,7 +207,6 @@ class Cyclic(StepSchedule):
         moms = [hi - (hi - lo) * height * scale
                 for lo, hi in zip(self.base_momentums, self.max_momentums)]
         return lrs, moms
-
 
 
 def trace(schedule, steps):

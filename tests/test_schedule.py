@@ -104,3 +104,18 @@ def test_recipe_schedule_runs_each_group_at_its_lr_scale():
         ref_opt.step()
         ref.step()
         sched.step()
+
+
+@pytest.mark.parametrize("pct_start, total_steps", [(1 / 3, 3), (0.5, 2), (1 / 24, 24)])
+def test_a_warm_up_of_one_step_starts_at_the_peak(pct_start, total_steps):
+    """pct_start * total_steps == 1 leaves the warm-up no length, where torch divides by zero; the
+    phase is then already at its end value, as it is at the last step of a longer warm-up."""
+    with pytest.raises(ZeroDivisionError):
+        torch.optim.lr_scheduler.OneCycleLR(optimizer("sgd"), max_lr=0.4, total_steps=total_steps,
+                                            pct_start=pct_start, anneal_strategy="linear")
+    schedule = OneCycle(optimizer("sgd"), max_lr=0.4, total_steps=total_steps, pct_start=pct_start,
+                        anneal_strategy="linear", div_factor=10, final_div_factor=1.0)
+    lrs, moms = trace(schedule, total_steps)
+    assert lrs[0] == 0.4 and moms[0] == 0.85
+    assert lrs[-1] == pytest.approx(0.04) and moms[-1] == pytest.approx(0.95)
+    assert all(a > b for a, b in zip(lrs, lrs[1:])), "then it anneals, step by step"
