@@ -7,7 +7,7 @@ parameters, albumentations-style augmentation; prints its receptive-field table.
 
 import sys
 
-from core.cli import train_main
+from core.commands import train_main
 
 
 def main(argv=None):

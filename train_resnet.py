@@ -7,7 +7,7 @@
 
 import sys
 
-from core.cli import train_main
+from core.commands import train_main
 
 
 def main(argv=None):

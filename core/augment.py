@@ -114,31 +114,6 @@ def cutout(x, size=8, p=1.0, fill=0, generator=None):
     return x.masked_fill(mask[:, None], fill)
 
 
-# Recipes are called as recipe(x, generator, mean, std) on a batch normalized with the dataset's
-# per-channel pixel-space (0..1) mean and std, which ops such as gray and mean-fill need.
-
-
-# A recipe's ``flip=False`` leaves out its random flip, for a loader that flips on its own schedule
-# (``alternating_flip``). A mirror image commutes with the other ops in distribution (their
-# offsets and positions are uniform and their borders symmetric), so flipping first is the same.
-
-def resnet_recipe(x, generator=None, mean=None, std=None, flip=True, cutout_size=8):
-    """The superconvergence assignment's transform: RandomCrop 32 (pad 4), FlipLR, Cutout 8x8.
-
-    Cutout's fill of 0 on the normalized batch is the dataset mean colour. ``cutout_size`` 0
-    leaves cutout out (Page's bag of tricks and airbench94 train without it)."""
-    x = random_crop(x, padding=4, mode="reflect", generator=generator)
-    if flip:
-        x = hflip(x, p=0.5, generator=generator)
-    return cutout(x, size=cutout_size, p=1.0, fill=0, generator=generator) if cutout_size else x
-
-
-def flip_crop_recipe(x, generator=None, mean=None, std=None, flip=True):
-    """Random crop with reflect padding 4 and a horizontal flip: light augmentation for small nets."""
-    x = random_crop(x, padding=4, mode="reflect", generator=generator)
-    return hflip(x, p=0.5, generator=generator) if flip else x
-
-
 # Albumentations-style ops. Their ``mean`` and ``std`` are the dataset's per-channel pixel-space
 # (0..1) statistics: given both, ``x`` is taken to be normalized as (pixel - mean) / std; without
 # them, ``x`` is in pixel space (0..1 floats or 0..255 uint8). Ops that need pixel values (gray,
@@ -304,19 +279,3 @@ def to_gray(x, p=0.2, generator=None, *, mean=None, std=None):
     gray = _from_pixel(luma.expand_as(pixel), mean, std)
     apply = _rand(x.shape[0], generator, x.device) < p
     return torch.where(apply[:, None, None, None], _like(gray, x), x)
-
-
-def dilated_recipe(x, generator=None, mean=None, std=None, flip=True):
-    """The dilated-net assignment's albumentations set: HorizontalFlip, ShiftScaleRotate,
-    CoarseDropout of one 16x16 hole in the mean colour, ToGray.
-
-    Rotations stay within 15 degrees rather than albumentations' default 45: with all four ops
-    at full strength the 190k-parameter net ended 30 epochs at 76.6% train accuracy, below its
-    84.3% test accuracy, so the augmentation, not overfitting, was what held it back."""
-    stats = dict(mean=mean, std=std)
-    if flip:
-        x = hflip(x, p=0.5, generator=generator)
-    x = shift_scale_rotate(x, rotate_limit=15, p=0.5, generator=generator, **stats)
-    x = coarse_dropout(x, max_holes=1, max_height=16, max_width=16, min_holes=1, min_height=16,
-                       min_width=16, fill="mean", p=0.5, generator=generator, **stats)
-    return to_gray(x, p=0.2, generator=generator, **stats)

@@ -1,11 +1,15 @@
-"""Command-line flags shared by the train scripts, and the wrapper that turns a UserError into a
-one-line message and a non-zero exit instead of a traceback."""
+"""The scripts' command lines: their parsers, the wrapper that turns a UserError into a one-line
+message and a non-zero exit instead of a traceback, and docs/flags.md, generated from the
+parsers so that it cannot go stale (``python -m core.cli --markdown > docs/flags.md``).
+What each script does with its parsed flags is ``core.commands``."""
 
 import argparse
-import shlex
 import sys
 
 from .errors import UserError
+from .flags import lr_or_find, non_negative_float, non_negative_int, positive_float, positive_int
+from .lr_finder import METHODS
+from .recipes import RECIPES
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -35,51 +39,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False):
+        # ``is``, not ``in (None, False)``: a default of 0 equals False and would be hidden.
+        if "default" in text or action.default is None or action.default is False:
             return text
         return super()._get_help_string(action)
-
-
-def whole_number(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-
-
-def positive_int(text):
-    value = whole_number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
-
-
-def non_negative_int(text):
-    value = whole_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
-
-
-def lr_or_find(text):
-    return "find" if text == "find" else positive_float(text)
-
-
-def non_negative_float(text):
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
 
 
 def add_cache_arg(p):
@@ -199,11 +162,73 @@ def run_cli(entry, argv, parser):
         return 130
 
 
-def train_main(recipe_name, argv=None):
-    """The whole of a train_*.py script: its recipe's flags, then a run."""
-    from .recipes import RECIPES
-    from .trainer import run_training
+def build_range_test_parser():
+    p = ArgumentParser(prog="lr_range_test.py",
+                       description="Leslie Smith's LR range test on any of the toolkit's models: which one-cycle "
+                                   "bounds to use.")
+    p.add_argument("--model", choices=sorted(RECIPES), default="resnet", help="which train script's model")
+    add_data_args(p)
+    g = p.add_argument_group("range test")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="default: the train script's")
+    g.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="default: the train script's")
+    g.add_argument("--weight-decay", type=non_negative_float, default=None, help="default: the train script's")
+    g.add_argument("--start-lr", type=positive_float, default=1e-5, help="the LR of the sweep's first step")
+    g.add_argument("--end-lr", type=positive_float, default=10.0, help="the LR of its last step")
+    g.add_argument("--num-iter", type=positive_int, default=100,
+                   help="training steps in the sweep (fewer if the loss diverges first)")
+    g.add_argument("--mode", choices=["exp", "linear"], default="exp", help="LR spacing")
+    g.add_argument("--method", choices=METHODS, default=None,
+                   help="how lr_max is read off the curve (default: min_div_2 for SGD, conservative for Adam; "
+                        "see docs/lr_finder.md)")
+    g.add_argument("--val", action="store_true", help="record the test split's loss after each step instead")
+    add_device_args(p)
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/lr-find-<model>-<timestamp>)")
+    p.add_argument("--plot-schedules", action="store_true",
+                   help="only draw the triangular cyclic LR and the ResNet recipe's one-cycle LR and momentum")
+    return p
 
-    recipe = RECIPES[recipe_name]
-    command = shlex.join(["python", recipe.script, *(sys.argv[1:] if argv is None else argv)])
-    return run_cli(lambda args: run_training(recipe, args, command), argv, build_train_parser(recipe))
+
+def script_parsers():
+    """Every entry point's parser, by script name."""
+    parsers = {recipe.script: build_train_parser(recipe) for recipe in RECIPES.values()}
+    parsers["lr_range_test.py"] = build_range_test_parser()
+    return parsers
+
+
+def _markdown_cell(text):
+    """One table cell: on one line, with the characters Markdown would read as markup escaped."""
+    text = " ".join(str(text).split())
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _default_cell(action):
+    if action.default is None:
+        return ""
+    if action.nargs == 0:  # a switch
+        return "on" if action.default else "off"
+    return _markdown_cell(action.default)
+
+
+def flags_markdown(parsers):
+    """One table per script: each flag's spellings, value, default and --help text."""
+    lines = ["# Flags", "", "Every flag of every script, as its `--help` prints it. Generated from the parsers by",
+             "`python -m core.cli --markdown > docs/flags.md`; a test fails when this page and the parsers disagree.",
+             "What the flags do, at more length: [training.md](training.md).", ""]
+    for script, parser in parsers.items():
+        lines += [f"## `{script}`", "", _markdown_cell(parser.description), "",
+                  "| flag | value | default | meaning |", "|---|---|---|---|"]
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            value = formatter._format_args(action, action.dest.upper()) if action.nargs != 0 else ""
+            lines.append(f"| {', '.join(f'`{o}`' for o in action.option_strings)} | {_markdown_cell(value)} "
+                         f"| {_default_cell(action)} | {_markdown_cell(action.help or '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m core.cli --markdown > docs/flags.md")
+    print(flags_markdown(script_parsers()), end="")

@@ -36,12 +36,10 @@ def keep_freed_memory(device):
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
 
     By default glibc serves every buffer above 32 MiB with a fresh mmap and unmaps it on free.
-    A ResNet batch of 512 holds several 64 MiB activations, so every step faulted in and zeroed
-    hundreds of MiB of new pages. On the 2-core dev box this was 42 s of kernel time in a 107 s
-    run, and keeping the memory raised training from 288 to 378 images/s, with the same numbers
-    out. The price is memory: a bare loop of those steps holds 2.0 GiB instead of 0.9 GiB, and
-    a full 24-epoch run's process settled at 3.2 GiB and stayed there. GPU memory is untouched:
-    this does nothing off Linux or off the CPU. Returns whether the setting took.
+    A ResNet batch of 512 holds several 64 MiB activations, so every step would fault in and
+    zero hundreds of MiB of new pages. Keeping them trains faster with the same numbers out, at
+    the price of a larger resident size (docs/performance.md measures both). GPU memory is
+    untouched: this does nothing off Linux or off the CPU. Returns whether the setting took.
     """
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
@@ -59,7 +57,7 @@ def autotune_convolutions(device):
     training batch, the evaluation batch, the last partial one), so the search is paid once per
     shape. The choice may differ between runs, so CUDA runs are not bit-reproducible; nor are
     they without it, since some cuDNN backward kernels are nondeterministic. Returns whether it
-    was turned on. Its speed-up has not been measured here: no GPU was available.
+    was turned on.
     """
     if device.type != "cuda":
         return False

@@ -17,32 +17,11 @@ Reading the curve (every method works on the smoothed loss and returns one LR):
 * ``min_div_2`` and ``min_div_10``: the LR of the minimum, halved or divided by ten.
 * ``conservative``: the smaller of ``valley`` and ``min_div_10``.
 
-Every suggestion is also clipped to at most the LR of the minimum smoothed loss. Past the
-minimum the loss is rising: the sweep is already diverging there. Seed 000 is the warning: a
-sweep from 0.01 read a max LR of 0.69, and the one-cycle run that started at a tenth of it
-(0.069) already blew up in its first epoch (train loss 6.0), crawled to 31% and ended at 33%,
-while the same network with a peak of 0.025 reached 90%.
-
-The default reading depends on the optimizer (``DEFAULT_READING``): SGD and Adam want different
-margins. Measured on the full ResNet sweep at batch 512:
-
-* SGD (Nesterov, BN, weight decay) at the one-cycle peak: ``min_div_2``, and lr_min three decades
-  below it. The sweep's minimum sat at 0.40-0.46, right at the hand-tuned peak of 0.4 (91.77%);
-  ``conservative`` read 0.0285, and 24 epochs from 0.0285 down to 0.00285 underfit to 88.92%.
-  With BN and weight decay the weights' scale keeps shrinking, so SGD tolerates, and needs, a
-  peak close to where the short sweep turns up. Halving leaves a factor of two between the
-  peak and the turn (on that sweep the raw loss, free of the smoothing lag, rose from 0.35). The
-  three-decade floor is the hand-tuned recipe's (0.4 -> 0.0004): the one-cycle warms up from
-  almost nothing, so its first steps never meet the LR that blew up seed 000's first epoch,
-  and it anneals to almost nothing at the end.
-* Adam: ``conservative`` and a floor one decade below: fastai's margins, which were made for
-  Adam, whose per-parameter steps do not shrink with the weights. (The Ultimus recipe's 0.003
-  is this reading; no full Adam run here has tried a narrower margin.)
-
-Why not a single method: ``steepest`` follows noise in a derivative and, when the sweep starts
-late (as seed 000's did), can land next to the minimum. ``valley`` lands late when the descent
-runs up to the minimum's edge. The min_div readings depend on one point, which the smoothing
-lag pushes to a higher LR; halving absorbs that lag for SGD, a decade absorbs it for Adam.
+Every suggestion is also clipped to at most the LR of the minimum smoothed loss: past the
+minimum the loss is rising, and the sweep is already diverging there. The default reading
+depends on the optimizer (``DEFAULT_READING``), since SGD with BN and weight decay tolerates a
+peak close to the turn and Adam does not; docs/lr_finder.md gives the sweeps and runs behind
+each default.
 """
 
 import contextlib
@@ -282,8 +261,8 @@ def _as_curve(lrs, losses):
 def _steepest(lrs, losses, bottom):
     """The LR where the loss falls fastest per decade of LR, among the points before the minimum
     but past the first STEEPEST_SKIP of the sweep. At its first LRs, too small to change the
-    weights, the smoothed loss still moves with the noise of the first few batches: on a 100-step
-    sweep of the ResNet at batch 512 that noise was the steepest drop, and the reading was 1e-5."""
+    weights, the smoothed loss still moves with the noise of the first few batches, which can
+    be the steepest drop of all (docs/lr_finder.md)."""
     slope = np.gradient(losses[:bottom + 1], np.log10(lrs[:bottom + 1]))
     skip = int(STEEPEST_SKIP * len(losses))
     skip = skip if skip < bottom else 0

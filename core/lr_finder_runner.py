@@ -1,16 +1,72 @@
-"""Running the LR range test for a recipe and keeping what it found: lr_finder.json and .png.
+"""The runner of ``core.lr_finder``'s range test: it sweeps a built run's model and loader,
+keeps what it found (lr_finder.json and .png), and turns the flags into the LR bounds a run
+trains with.
 
 Shared by lr_range_test.py and the train scripts' ``--lr-max find``, so both read the curve
 the same way and ``--lr-from`` can reuse either's JSON.
 """
 
+import contextlib
+import dataclasses
 import json
 import math
 
 from . import plots
 from .errors import UserError
+from .flags import plain_flags
 from .lr_finder import METHODS, range_test, suggest, suggest_bounds
 from .outputs import write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class LRBounds:
+    """The one-cycle bounds a run trains with, and where they came from. A value of its own
+    beside the flags: ``--lr-max find`` stays 'find' in the flags, and these hold what it found."""
+
+    lr_max: float
+    lr_min: float
+    source: str
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+def resolve_lr_bounds(args, setup, out):
+    """The bounds for a new run: from --lr-from's file, a range test run now (--lr-max find), or
+    --lr-max and --lr-min as given."""
+    if args.lr_from:
+        lr_max, lr_min = load_bounds(args.lr_from)
+        return LRBounds(lr_max, lr_min, f"lr_from:{args.lr_from}")
+    if args.lr_max == "find":
+        s = setup
+        record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
+                             optimizer_name=args.optimizer, settings=plain_flags(args))
+        return LRBounds(record["lr_max"], record["lr_min"],
+                        f"range test: lr_max by {record['method']}, lr_min {record['lr_min_method']}; see lr_finder.png")
+    return LRBounds(args.lr_max, args.lr_min, "flags")
+
+
+def checkpoint_bounds(ckpt):
+    """The bounds a checkpointed run trained with. Checkpoints written before ``LRBounds`` kept
+    them in the flags, where the run had written them back."""
+    if "lr_bounds" in ckpt:
+        return LRBounds(**ckpt["lr_bounds"])
+    flags = ckpt["args"]
+    return LRBounds(float(flags["lr_max"]), float(flags["lr_min"]), flags.get("lr_source") or "flags")
+
+
+@contextlib.contextmanager
+def _generators_restored(loader):
+    """Put back the loader's shuffling and augmentation generators after the sweep has drawn from
+    them, so that training after ``--lr-max find`` sees the batches it would see without it."""
+    generators = [g for g in (getattr(loader, "order_generator", None), getattr(loader, "aug_generator", None))
+                  if g is not None]
+    states = [g.get_state() for g in generators]
+    try:
+        yield
+    finally:
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
 
 
 def find_bounds(model, optimizer, loss_fn, loader, device, amp_dtype, out, *, start_lr=1e-5, end_lr=10.0,
@@ -18,10 +74,13 @@ def find_bounds(model, optimizer, loss_fn, loader, device, amp_dtype, out, *, st
     """Sweep, suggest lr_max and lr_min, and write ``out``/lr_finder.json and lr_finder.png.
 
     ``optimizer_name`` ('sgd' or 'adam') picks the default reading; ``method`` overrides it.
-    The model and optimizer come back exactly as they were, so training can start right after.
+    The model, the optimizer and the loader's generators come back exactly as they were, so
+    training right after it is the training the found bounds would get on their own.
+    ``settings``: the flags as plain values, recorded in the JSON.
     """
-    result = range_test(model, optimizer, loss_fn, loader, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
-                        mode=mode, val_batches=val_loader, device=device, amp_dtype=amp_dtype)
+    with _generators_restored(loader):
+        result = range_test(model, optimizer, loss_fn, loader, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
+                            mode=mode, val_batches=val_loader, device=device, amp_dtype=amp_dtype)
     try:
         bounds = suggest_bounds(result.lrs, result.losses, optimizer_name, method)
         suggestions = {m: suggest(result.lrs, result.losses, m) for m in METHODS}

@@ -7,6 +7,9 @@ and every figure is written to a temporary file and renamed, so a crash leaves n
 import os
 
 import numpy as np
+import torch
+
+from .schedule import Cyclic, one_cycle_for_recipe, trace
 
 
 def _pyplot():
@@ -105,14 +108,11 @@ def plot_range_test(lrs, losses, raw_losses, suggestions, bounds, diverged_at, m
     _save(fig, path)
 
 
-def plot_schedule_examples(out):
+def plot_schedule_examples(out, name, recipe_defaults, train_images=50_000):
     """The superconvergence assignment's 'draw this curve': a triangular cyclic LR over several
-    cycles, and the ResNet recipe's one-cycle LR with its momentum. Returns the PNG paths."""
-    import torch
-
-    from .recipes import RECIPES
-    from .schedule import Cyclic, one_cycle_for_recipe, trace
-
+    cycles, and the ``name`` recipe's one-cycle LR with its momentum, peaking at epoch 5, from
+    ``recipe_defaults`` (epochs, batch size, LR bounds, momentum cycling) over ``train_images``.
+    Returns the PNG paths."""
     plt = _pyplot()
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
     cyclic = Cyclic(sgd, base_lr=1e-3, max_lr=1e-2, step_size_up=500, mode="triangular", cycle_momentum=False)
@@ -128,13 +128,13 @@ def plot_schedule_examples(out):
     paths = [out / "cyclic_lr.png", out / "one_cycle.png"]
     _save(fig, paths[0])
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9, nesterov=True)
-    d = RECIPES["resnet"].defaults
-    steps_per_epoch = 50_000 // d["batch_size"]
+    d = recipe_defaults
+    steps_per_epoch = train_images // d["batch_size"]
     one_cycle = one_cycle_for_recipe(sgd, lr_max=d["lr_max"], lr_min=d["lr_min"], epochs=d["epochs"],
                                      steps_per_epoch=steps_per_epoch, max_at_epoch=5,
                                      cycle_momentum=d["cycle_momentum"])
     lrs, moms = trace(one_cycle, one_cycle.total_steps)
     plot_lr_schedule(lrs, moms, steps_per_epoch, paths[1],
-                     title=f"ResNet recipe: one-cycle {d['lr_min']:g} -> {d['lr_max']:g} (epoch 5) -> "
+                     title=f"{name} recipe: one-cycle {d['lr_min']:g} -> {d['lr_max']:g} (epoch 5) -> "
                            f"{d['lr_min']:g} over {d['epochs']} epochs, no annihilation")
     return paths

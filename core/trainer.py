@@ -1,9 +1,8 @@
-"""A whole training run: data, model, optimizer and schedule from the flags; the epoch loop;
-checkpoints, metrics and figures in the output folder; resume and evaluate-only."""
+"""A whole training run: the epoch loop over a built run (``core.build``), and what it writes to
+the output folder: checkpoints, metrics and figures. Also ``--runs``, and the dispatch to
+``--eval-only``."""
 
-import functools
 import json
-import platform
 import sys
 import time
 from datetime import datetime
@@ -11,25 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import plots
+from .build import Setup, bn_images, describe_device
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import DEFAULT_CACHE, DeviceLoader, Split, balanced_subset, channel_stats, load_dataset
-from .device import autotune_convolutions, keep_freed_memory, make_scaler, pick_amp, pick_device
-from .ema import WeightEMA
+from .device import make_scaler
 from .engine import NonFiniteLoss, evaluate, format_test_line, recalibrate_bn, train_epoch
 from .errors import UserError
-from .models import build_model
-from .models.whitening import fit_whitening
+from .eval_only import evaluate_checkpoint
+from .flags import peak_epoch, plain_flags, validate
+from .lr_finder_runner import checkpoint_bounds, resolve_lr_bounds
 from .outputs import atomic_write_text, write_history_csv, write_json
-from .range_test import find_bounds, load_bounds
+from .resume import merge_resume_flags, restore, rng_state
 from .schedule import one_cycle_for_recipe, trace
-from .summary import summary_table
 
-# Flags that say where and how to run, not what to train: on --resume they come from the
-# command line; everything else comes from the checkpoint, so the run continues unchanged.
-RUN_PLACE_FLAGS = {"data", "cache_dir", "out", "device", "no_progress", "resume", "eval_only", "compile", "runs"}
 MISCLASSIFIED_SHOWN = 20
 
 
@@ -37,215 +31,20 @@ def default_out(recipe):
     return Path(f"runs/{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}")
 
 
-def validate(args):
-    if args.max_at_epoch is None:
-        args.max_at_epoch = min(5.0, args.epochs * 5 / 24)
-    if args.max_at_epoch >= args.epochs:
-        raise UserError(f"--max-at-epoch {args.max_at_epoch} must lie strictly between 0 and --epochs {args.epochs}")
-    if args.lr_max != "find" and args.lr_min >= args.lr_max:
-        raise UserError(f"--lr-min {args.lr_min} must be below --lr-max {args.lr_max}")
-    if args.eval_only and not args.resume:
-        raise UserError("--eval-only needs --resume PATH to the checkpoint to evaluate")
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(f"--ema-decay {args.ema_decay} must lie in [0, 1): 0 turns the average off, 0.99 averages "
-                        f"over about 100 steps")
-    if args.runs > 1 and args.resume:
-        raise UserError("--runs repeats whole runs; resume each run's last.pt on its own instead")
+def run_folder(recipe, args):
+    """Where the run writes: --out (on a resume, as given now, else as the checkpoint recorded
+    it); else, on a resume, the folder the checkpoint lies in; else a new folder under runs/."""
+    if args.out:
+        return Path(args.out)
+    return Path(args.resume).parent if args.resume else default_out(recipe)
 
 
-def plain_args(args):
-    """The flags as plain values, fit for a weights_only checkpoint and metrics.json."""
-    return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (bool, int, float, str))}
-
-
-def merge_resume_args(args, saved):
-    merged = dict(saved)
-    merged.update({k: v for k, v in vars(args).items() if k in RUN_PLACE_FLAGS and v is not None})
-    for k, v in vars(args).items():
-        merged.setdefault(k, v)
-    return type(args)(**merged)
-
-
-def describe_device(device):
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    if device.type == "cpu":
-        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return device.type
-
-
-def take(split, n):
-    idx = balanced_subset(split.labels, n, int(split.labels.max()) + 1)
-    return Split(split.images[idx], split.labels[idx])
-
-
-def param_groups(model, weight_decay, bias_lr_scale=1.0):
-    """The trainable parameters, with the biases in a group of their own when ``bias_lr_scale`` != 1.
-
-    A bias (BN shifts, the FC bias) is not followed by a normalization, so unlike a conv weight
-    its LR sets how fast it moves in units of the activations. Page's bag of tricks trains them
-    at 64x the LR with weight decay divided by 64, which keeps their decay per step unchanged.
-    Each group's ``lr_scale`` is the multiple of the schedule's LR that it trains at.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if bias_lr_scale == 1:
-        return [{"params": [p for _, p in named], "weight_decay": weight_decay, "lr_scale": 1.0}]
-    return [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": weight_decay, "lr_scale": 1.0},
-            {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": weight_decay / bias_lr_scale,
-             "lr_scale": bias_lr_scale}]
-
-
-def make_optimizer(name, model, lr, weight_decay, bias_lr_scale=1.0):
-    groups = param_groups(model, weight_decay, bias_lr_scale)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
-    return torch.optim.Adam(groups, lr=lr)
-
-
-def rng_state(order_gen, aug_gen):
-    state = {"torch": torch.get_rng_state(), "order": order_gen.get_state(), "aug": aug_gen.get_state(),
-             "aug_device": aug_gen.device.type}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state, order_gen, aug_gen, path):
-    """Put back every generator a run draws from. The augmentation generator lives on the training
-    device, and each kind of device has its own generator, so its state cannot move to another
-    kind: such a resume could not be exact, and is refused (evaluation is not)."""
-    saved, here = state.get("aug_device"), aug_gen.device.type  # older checkpoints do not say
-    fix = f"resume with --device {saved}" if saved else "resume it on the kind it trained on"
-    refusal = (f"{path} was trained on {saved or 'another kind of device'} and this run is on {here}: an exact "
-               f"resume needs the same kind of device, so {fix} (--eval-only runs anywhere)")
-    if saved not in (None, here):
-        raise UserError(refusal)
-    try:
-        aug_gen.set_state(state["aug"])
-    except RuntimeError:  # a state of another kind of generator
-        raise UserError(refusal) from None
-    torch.set_rng_state(state["torch"])
-    order_gen.set_state(state["order"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_data(args, need_train):
-    cache = None if args.cache_dir == "none" else (args.cache_dir or DEFAULT_CACHE)
-    return load_dataset(args.data or "./data", need_train=need_train, download=args.data is None, cache_dir=cache)
-
-
-def pick_runtime(args):
-    """The device and autocast dtype the flags ask for, with the allocator and cuDNN set up for it."""
-    device = pick_device(args.device)
-    keep_freed_memory(device)
-    autotune_convolutions(device)
-    return device, pick_amp(args.amp, device)
-
-
-def plain_batches(args, split, device, mean, std, batch_size=None):
-    """``split`` in order and un-augmented, laid out as the model is: what evaluation and
-    --recalibrate-bn read, in batches of ``batch_size`` (default --eval-batch-size)."""
-    return DeviceLoader(split, device, batch_size or args.eval_batch_size, mean, std, train=False,
-                        channels_last=args.channels_last)
-
-
-def bn_images(args, train, device, mean, std, batch_size):
-    """The un-augmented training images that --recalibrate-bn re-estimates BN statistics on, in
-    batches of ``batch_size``: the training batch size, which the batch statistics depend on."""
-    return plain_batches(args, take(train, args.recalibrate_bn), device, mean, std, batch_size)
-
-
-def evaluate_only(recipe, args):
-    ckpt = load_checkpoint(args.resume, recipe.name)
-    device, amp_dtype = pick_runtime(args)
-    ds = load_data(args, need_train=False)
-    if args.recalibrate_bn and ds.train is None:
-        raise UserError(f"--recalibrate-bn needs training images and {args.data} holds only a test split: "
-                        f"drop the flag or point --data at the whole dataset")
-    if len(ds.classes) != len(ckpt["classes"]):
-        raise UserError(f"the checkpoint has {len(ckpt['classes'])} classes but {args.data} has {len(ds.classes)}")
-    model = build_model(recipe.name, **recipe.model_kwargs(ckpt["args"])).to(device)
-    weights = "ema" if ckpt.get("ema") is not None else "model"  # what the run itself evaluated
-    model.load_state_dict(ckpt[weights])
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if args.recalibrate_bn:
-        bn_loader = bn_images(args, ds.train, device, ckpt["mean"], ckpt["std"], ckpt["args"]["batch_size"])
-        recalibrate_bn(model, bn_loader, device, amp_dtype)
-    loader = plain_batches(args, take(ds.test, args.test_subset), device, ckpt["mean"], ckpt["std"])
-    result = evaluate(model, loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift)
-    print(format_test_line(result))
-    out = Path(args.out) if args.out else Path(args.resume).parent
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": args.data, "test_acc": result["acc"],
-                                   "test_loss": result["loss"], "correct": result["correct"], "total": result["total"],
-                                   "tta": args.tta, "tta_shift": args.tta_shift, "weights": weights,
-                                   "recalibrate_bn": args.recalibrate_bn})
-    return 0
-
-
-class Setup:
-    """Everything a run or a range test builds from the flags, in one place."""
-
-    def __init__(self, recipe, args):
-        self.device, self.amp_dtype = pick_runtime(args)
-        torch.manual_seed(args.seed)
-        self.order_gen = torch.Generator().manual_seed(args.seed)
-        self.aug_gen = torch.Generator(self.device).manual_seed(args.seed + 1)
-        start = time.perf_counter()
-        self.ds = load_data(args, need_train=True)
-        self.data_load_s = time.perf_counter() - start
-        self.train = take(self.ds.train, args.train_subset)
-        self.test = take(self.ds.test, args.test_subset)
-        if len(self.train.labels) < args.batch_size:
-            raise UserError(f"--batch-size {args.batch_size} exceeds the {len(self.train.labels)} training images: "
-                            f"lower it or enlarge --train-subset")
-        self.mean, self.std = channel_stats(self.train.images)
-        self.model = build_model(recipe.name, **recipe.model_kwargs(vars(args))).to(self.device)
-        first_flips = None
-        if args.flip == "alternating":  # drawn from the seed alone, so a resumed run draws them again
-            first_flips = torch.rand(len(self.train.labels), generator=torch.Generator().manual_seed(args.seed)) < 0.5
-        self.train_loader = DeviceLoader(self.train, self.device, args.batch_size, self.mean, self.std, train=True,
-                                         augment=functools.partial(recipe.augment, **recipe.augment_kwargs(vars(args))),
-                                         order_generator=self.order_gen,
-                                         aug_generator=self.aug_gen, channels_last=args.channels_last,
-                                         first_flips=first_flips)
-        fit_whitening(self.model, self.train_loader)
-        self.summary, self.params = summary_table(self.model)
-        self.report = recipe.report(self.model) if recipe.report else None
-        if args.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        # After the layout change, which makes new tensors: the average follows these ones.
-        self.ema = WeightEMA(self.model, args.ema_decay) if args.ema_decay else None
-        self.test_loader = plain_batches(args, self.test, self.device, self.mean, self.std)
-        # The LR here is a placeholder: the schedule (or the range test) sets it every step.
-        self.optimizer = make_optimizer(args.optimizer, self.model, 0.0, args.weight_decay,
-                                        args.bias_lr_scale)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-
-    def print_summary(self, recipe, out):
-        print(self.summary)
-        atomic_write_text(out / "summary.txt", self.summary + "\n")
-        if self.report:
-            print(self.report)
-            atomic_write_text(out / f"{recipe.report_name}.txt", self.report + "\n")
-
-
-def resolve_lr_bounds(args, s, out):
-    """Fill in --lr-max/--lr-min from --lr-from or a fresh range test, and say where they came from."""
-    if args.lr_from:
-        args.lr_max, args.lr_min = load_bounds(args.lr_from)
-        args.lr_source = f"lr_from:{args.lr_from}"
-    elif args.lr_max == "find":
-        record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
-                             optimizer_name=args.optimizer, settings=plain_args(args))
-        args.lr_max, args.lr_min = record["lr_max"], record["lr_min"]
-        args.lr_source = f"range test: lr_max by {record['method']}, lr_min {record['lr_min_method']}; see lr_finder.png"
-    else:
-        args.lr_source = getattr(args, "lr_source", None) or "flags"
-    args.lr_from = None  # resolved: a resumed run must not look for the file again
-    print(f"LR bounds: lr_max {args.lr_max:.4g}, lr_min {args.lr_min:.4g} (from {args.lr_source})")
+def print_summary(setup, recipe, out):
+    print(setup.summary)
+    atomic_write_text(out / "summary.txt", setup.summary + "\n")
+    if setup.report:
+        print(setup.report)
+        atomic_write_text(out / f"{recipe.report_name}.txt", setup.report + "\n")
 
 
 def run_training(recipe, args, command):
@@ -253,24 +52,23 @@ def run_training(recipe, args, command):
     repeated; a resumed run keeps the one that started it and lists the resumes after it."""
     validate(args)
     if args.eval_only:
-        return evaluate_only(recipe, args)
+        return evaluate_checkpoint(recipe, args)
     if args.runs > 1:
         return run_many(recipe, args, command)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, recipe.name)
-        args = merge_resume_args(args, ckpt["args"])
-        args.out = args.out if args.out is not None else str(Path(args.resume).parent)
+        args = merge_resume_flags(args, ckpt["args"])
         validate(args)
     s = Setup(recipe, args)
-    out = Path(args.out) if args.out else default_out(recipe)
-    args.out = str(out)
+    out = run_folder(recipe, args)
     out.mkdir(parents=True, exist_ok=True)
-    s.print_summary(recipe, out)
-    resolve_lr_bounds(args, s, out)
+    print_summary(s, recipe, out)
+    bounds = checkpoint_bounds(ckpt) if ckpt is not None else resolve_lr_bounds(args, s, out)
+    print(f"LR bounds: lr_max {bounds.lr_max:.4g}, lr_min {bounds.lr_min:.4g} (from {bounds.source})")
     model, optimizer, device, amp_dtype = s.model, s.optimizer, s.device, s.amp_dtype
-    schedule = one_cycle_for_recipe(optimizer, args.lr_max, args.lr_min, args.epochs, len(s.train_loader),
-                                    args.max_at_epoch, cycle_momentum=args.cycle_momentum)
+    schedule = one_cycle_for_recipe(optimizer, bounds.lr_max, bounds.lr_min, args.epochs, len(s.train_loader),
+                                    peak_epoch(args), cycle_momentum=args.cycle_momentum)
     scaler = make_scaler(device, amp_dtype)
     # Seconds are summed over the processes of a resumed run; each process has its own warm-up.
     state = {"epoch": 0, "history": [], "best_test_acc": 0.0, "train_seconds": 0.0, "train_images": 0,
@@ -280,19 +78,11 @@ def run_training(recipe, args, command):
         return {"model_name": recipe.name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
                 "ema": s.ema.state_dict() if s.ema else None,
-                "rng": rng_state(s.order_gen, s.aug_gen), "args": plain_args(args), "mean": s.mean, "std": s.std,
-                "classes": list(s.ds.classes), **state}
+                "rng": rng_state(s.order_gen, s.aug_gen), "args": plain_flags(args), "lr_bounds": bounds.as_dict(),
+                "mean": s.mean, "std": s.std, "classes": list(s.ds.classes), **state}
 
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        if ckpt["scaler"]:  # empty when the run trained without fp16: a new loss scale then starts here
-            scaler.load_state_dict(ckpt["scaler"])
-        if s.ema:
-            s.ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"], s.order_gen, s.aug_gen, args.resume)
-        state.update({k: ckpt[k] for k in state if k in ckpt})
+        restore(ckpt, s, schedule, scaler, state, args.resume)
         print(f"Resuming {args.resume} after epoch {state['epoch']} of {args.epochs}")
     state["commands"].append(command)
     if ckpt is None:
@@ -308,14 +98,10 @@ def run_training(recipe, args, command):
         return evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=keep_predictions,
                         tta=args.tta, tta_shift=args.tta_shift)
 
-    info = {"model": recipe.name, **recipe.model_kwargs(vars(args)), **recipe.augment_kwargs(vars(args)),
-            "params": s.params,
+    info = {"model": recipe.name, "flags": plain_flags(args), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
+            "lr_source": bounds.source, "peak_epoch": peak_epoch(args), "params": s.params,
             "device": describe_device(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-            "lr_max": args.lr_max, "lr_min": args.lr_min, "lr_source": args.lr_source, "epochs": args.epochs,
-            "batch_size": args.batch_size, "optimizer": args.optimizer, "ema_decay": args.ema_decay,
-            "recalibrate_bn": args.recalibrate_bn, "tta": args.tta, "tta_shift": args.tta_shift,
-            "eval_every": args.eval_every, "flip": args.flip, "train_images": len(s.train.labels),
-            "test_images": len(s.test.labels), "seed": args.seed, "data_load_s": s.data_load_s}
+            "train_images": len(s.train.labels), "test_images": len(s.test.labels), "data_load_s": s.data_load_s}
     print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / "
           f"{info['test_images']} test images, output in {out}")
     first_epoch = state["epoch"] + 1  # of this process: its first step warms up (and compiles)

@@ -1,10 +1,13 @@
-"""Tiny synthetic CIFAR-10 look-alikes in every format the loader accepts."""
+"""Tiny synthetic CIFAR-10 look-alikes in every format the loader accepts, and a Ctrl-C."""
 
+import contextlib
 import pickle
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from core import trainer
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -57,3 +60,21 @@ def image_dir(tmp_path):
 @pytest.fixture
 def cache(tmp_path):
     return tmp_path / "cache"
+
+
+@contextlib.contextmanager
+def ctrl_c_in_second_epoch(monkeypatch):
+    """Inside the block, a run's second epoch raises KeyboardInterrupt as Ctrl-C would."""
+    real_epoch, calls = trainer.train_epoch, []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_epoch", interrupting)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(trainer, "train_epoch", real_epoch)

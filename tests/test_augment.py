@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.augment import (alternating_flip, crop_at, cutout, dilated_recipe, flip_crop_recipe, hflip, random_crop,
-                          resnet_recipe)
+from core.augment import alternating_flip, crop_at, cutout, hflip, random_crop
+from core.recipes import dilated_augment, flip_crop_augment, resnet_augment
 
 NUMPY_MODES = {"constant": "constant", "reflect": "reflect", "edge": "edge", "symmetric": "symmetric"}
 
@@ -97,18 +97,18 @@ def test_cutout_probability_and_uint8_fill():
 
 def test_recipe_is_deterministic_for_a_generator_and_varies_per_sample():
     x = images(n=8).float()
-    a = resnet_recipe(x, torch.Generator().manual_seed(3))
-    b = resnet_recipe(x, torch.Generator().manual_seed(3))
-    c = resnet_recipe(x, torch.Generator().manual_seed(4))
+    a = resnet_augment(x, torch.Generator().manual_seed(3))
+    b = resnet_augment(x, torch.Generator().manual_seed(3))
+    c = resnet_augment(x, torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    same = resnet_recipe(x[:1].expand(8, -1, -1, -1).contiguous(), torch.Generator().manual_seed(3))
+    same = resnet_augment(x[:1].expand(8, -1, -1, -1).contiguous(), torch.Generator().manual_seed(3))
     assert not all(torch.equal(same[0], same[i]) for i in range(1, 8)), "randomness must be per sample"
 
 
 @pytest.mark.parametrize("size", [0, 5, 12])
-def test_resnet_recipe_blanks_one_square_of_its_cutout_size(size):
+def test_resnet_augment_blanks_one_square_of_its_cutout_size(size):
     """On a constant image crop and flip change nothing, so the zeros are cutout's square alone."""
-    out = resnet_recipe(torch.ones(500, 3, 32, 32), torch.Generator().manual_seed(0), cutout_size=size)
+    out = resnet_augment(torch.ones(500, 3, 32, 32), torch.Generator().manual_seed(0), cutout_size=size)
     holes = out[:, 0] == 0
     assert bool((holes.sum((1, 2)) == size * size).all())
     assert bool((holes.any(2).sum(1) == size).all()), "a square, not any shape of that area"
@@ -130,7 +130,7 @@ def test_alternating_flip_shows_each_image_both_ways_in_any_two_epochs():
     assert all(bool(((view == x) | (view == x.flip(3))).flatten(1).all()) for view in seen)
 
 
-@pytest.mark.parametrize("recipe", [resnet_recipe, flip_crop_recipe, dilated_recipe])
+@pytest.mark.parametrize("recipe", [resnet_augment, flip_crop_augment, dilated_augment])
 def test_recipes_without_their_flip_draw_no_mirror_images(recipe):
     """A batch that brightens left to right: without the flip, every output still does. The
     other ops keep the direction: crops and shifts move the ramp, a hole or cutout covers at most

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from core import augment as A
+from core.recipes import dilated_augment
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)
@@ -204,14 +205,14 @@ def test_p_zero_leaves_x_unchanged(op):
 
 def test_recipe_is_deterministic_per_seed():
     x = normalize(images(32))
-    first = A.dilated_recipe(x, gen(1), MEAN, STD)
-    assert torch.equal(first, A.dilated_recipe(x, gen(1), MEAN, STD))
-    assert not torch.equal(first, A.dilated_recipe(x, gen(2), MEAN, STD))
+    first = dilated_augment(x, gen(1), MEAN, STD)
+    assert torch.equal(first, dilated_augment(x, gen(1), MEAN, STD))
+    assert not torch.equal(first, dilated_augment(x, gen(2), MEAN, STD))
     assert first.shape == x.shape and first.dtype == x.dtype
 
 
 def test_recipe_fills_holes_with_the_mean_colour_of_a_normalized_batch():
     x = normalize(images(64)) + 5.0  # keep the data away from 0, the normalized mean
-    y = A.dilated_recipe(x, gen(), MEAN, STD)
+    y = dilated_augment(x, gen(), MEAN, STD)
     holes = (y == 0).all(1).flatten(1).sum(1)
     assert set(holes.unique().tolist()) <= {0, 256} and 0 < (holes == 256).sum() < 64

@@ -16,7 +16,7 @@ from core.checkpoint import load_checkpoint, save_checkpoint
 from core.cli import build_train_parser
 from core.models import MODELS
 from core.recipes import RECIPES
-from tests.conftest import write_batches, write_image_folder
+from tests.conftest import ctrl_c_in_second_epoch, write_batches, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,8 @@ def test_tta_changes_the_evaluation_but_not_the_training(data, full_run, tmp_pat
     assert train_resnet.main(tiny(data, tmp_path, "--no-tta")) == 0
     with_tta, without = load_checkpoint(full_run / "last.pt", "resnet"), load_checkpoint(tmp_path / "last.pt", "resnet")
     assert with_tta["args"]["tta"] is True and without["args"]["tta"] is False
-    assert (metrics(full_run)["tta"], metrics(tmp_path)["tta"], metrics(tmp_path)["tta_shift"]) == (True, False, 0)
+    flags_with, flags_without = metrics(full_run)["flags"], metrics(tmp_path)["flags"]
+    assert (flags_with["tta"], flags_without["tta"], flags_without["tta_shift"]) == (True, False, 0)
     assert all(torch.equal(with_tta["model"][k], without["model"][k]) for k in with_tta["model"])
     assert training_figures(metrics(full_run)) == training_figures(metrics(tmp_path))
 
@@ -92,7 +93,7 @@ def test_eval_every_skips_test_figures_between_evaluations_but_trains_the_same(d
     assert training_figures(m) == training_figures(m_every)
     assert sparse[0]["test_acc"] is None and sparse[0]["test_loss"] is None
     assert [(h["test_loss"], h["test_acc"]) for h in sparse[1:]] == [(h["test_loss"], h["test_acc"]) for h in every[1:]]
-    assert m["eval_every"] == 2 and m_every["eval_every"] == 1
+    assert m["flags"]["eval_every"] == 2 and m_every["flags"]["eval_every"] == 1
     assert m["best_test_acc"] == max(h["test_acc"] for h in sparse[1:]) and m["final_test_acc"] == sparse[2]["test_acc"]
     assert load_checkpoint(tmp_path / "best.pt", "resnet")["epoch"] in (2, 3)
     first_row = (tmp_path / "metrics.csv").read_text().splitlines()[1].split(",")
@@ -110,19 +111,9 @@ def test_log_has_the_seed_style_lines(data, tmp_path, capsys):
 
 def interrupt_then_resume(data, out, monkeypatch, *flags):
     """Ctrl-C during the second epoch, then --resume: the run must finish as if never stopped."""
-    real_epoch = trainer.train_epoch
-    calls = []
-
-    def interrupt_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_epoch", interrupt_second_epoch)
-    assert train_resnet.main(tiny(data, out, *flags)) == 130
+    with ctrl_c_in_second_epoch(monkeypatch):
+        assert train_resnet.main(tiny(data, out, *flags)) == 130
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
-    monkeypatch.setattr(trainer, "train_epoch", real_epoch)
     assert train_resnet.main(["--resume", str(out / "last.pt"), "--no-progress"]) == 0
 
 
@@ -200,7 +191,7 @@ def test_recalibrated_bn_leaves_training_alone_and_eval_only_reproduces_it(data,
     plain, recal = m_plain["history"], m["history"]
     assert training_figures(m) == training_figures(m_plain)
     assert [h["test_loss"] for h in recal] != [h["test_loss"] for h in plain]
-    assert m["recalibrate_bn"] == 120
+    assert m["flags"]["recalibrate_bn"] == 120
     assert train_resnet.main(["--eval-only", "--resume", str(full_run / "last.pt"), "--data", str(data),
                               "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none",
                               "--recalibrate-bn", "120"]) == 0
@@ -261,7 +252,7 @@ def test_cutout_size_reaches_the_training_batches(data, full_run, tmp_path):
     default, eight, none = (metrics(p)["history"] for p in (full_run, tmp_path / "eight", tmp_path / "none"))
     assert [h["train_loss"] for h in eight] == [h["train_loss"] for h in default]
     assert [h["train_loss"] for h in none] != [h["train_loss"] for h in default]
-    assert metrics(full_run)["cutout_size"] == 8 and metrics(tmp_path / "none")["cutout_size"] == 0
+    assert metrics(full_run)["flags"]["cutout_size"] == 8 and metrics(tmp_path / "none")["flags"]["cutout_size"] == 0
     assert load_checkpoint(tmp_path / "none" / "last.pt", "resnet")["args"]["cutout_size"] == 0
 
 
@@ -271,7 +262,7 @@ def test_ghost_batch_trains_another_model_and_evaluation_loads_checkpoints_witho
     ghost_batch in its args and must still evaluate (as the plain-BN model it is)."""
     assert train_resnet.main(tiny(data, tmp_path / "ghost", "--ghost-batch", "16")) == 0
     ghost = load_checkpoint(tmp_path / "ghost" / "last.pt", "resnet")
-    assert ghost["args"]["ghost_batch"] == 16 and metrics(tmp_path / "ghost")["ghost_batch"] == 16
+    assert ghost["args"]["ghost_batch"] == 16 and metrics(tmp_path / "ghost")["flags"]["ghost_batch"] == 16
     straight = metrics(full_run)["history"][0]
     assert metrics(tmp_path / "ghost")["history"][0]["train_loss"] != straight["train_loss"]
     old = load_checkpoint(full_run / "best.pt", "resnet")
@@ -289,7 +280,7 @@ def test_whiten_fits_the_basis_to_the_data_and_evaluation_restores_it(data, full
     out = tmp_path / "whiten"
     assert train_resnet.main(tiny(data, out, "--whiten")) == 0
     ckpt = load_checkpoint(out / "best.pt", "resnet")
-    assert ckpt["args"]["whiten"] is True and metrics(out)["whiten"] is True
+    assert ckpt["args"]["whiten"] is True and metrics(out)["flags"]["whiten"] is True
     assert not torch.equal(ckpt["model"]["prep.0.basis"], torch.eye(27))
     assert metrics(out)["history"][0]["train_loss"] != metrics(full_run)["history"][0]["train_loss"]
     capsys.readouterr()
@@ -305,7 +296,7 @@ def test_logit_scale_trains_another_model_and_evaluation_rebuilds_it(data, full_
     out = tmp_path / "scaled"
     assert train_resnet.main(tiny(data, out, "--logit-scale", "0.5")) == 0
     assert load_checkpoint(out / "last.pt", "resnet")["args"]["logit_scale"] == 0.5
-    assert metrics(out)["logit_scale"] == 0.5
+    assert metrics(out)["flags"]["logit_scale"] == 0.5
     assert metrics(out)["history"][0]["train_loss"] != metrics(full_run)["history"][0]["train_loss"]
     capsys.readouterr()
     assert train_resnet.main(["--eval-only", "--resume", str(out / "last.pt"), "--data", str(data),

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.data import DeviceLoader, Split, balanced_subset, channel_stats, load_dataset
+from core.data import Split, load_dataset
+from core.loader import DeviceLoader, balanced_subset, channel_stats
 from core.errors import UserError
 from tests.conftest import CLASSES, synthetic_images, write_batches, write_image_folder
 

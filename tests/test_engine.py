@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from core.data import DeviceLoader, Split
+from core.data import Split
+from core.loader import DeviceLoader
 from core.engine import evaluate, format_test_line, recalibrate_bn, tta_views
 from core.models.norm import GhostBatchNorm2d
 from tests.conftest import synthetic_images

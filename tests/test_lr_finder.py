@@ -447,7 +447,7 @@ def test_suggestions_from_a_real_sweep():
 
 def test_each_param_group_sweeps_at_its_lr_scale():
     """A bias group trained at 64x the LR (--bias-lr-scale) keeps that ratio during the sweep."""
-    from core.trainer import make_optimizer as trainer_optimizer
+    from core.build import make_optimizer as trainer_optimizer
 
     model = TinyNet(dropout=0.0)
     opt = trainer_optimizer("sgd", model, 0.0, 5e-4, bias_lr_scale=64.0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core.models.resnet import CustomResNet
-from core.trainer import make_optimizer, param_groups
+from core.build import make_optimizer, param_groups
 
 
 def ids(params):

@@ -67,8 +67,9 @@ def test_plot_schedules_draws_both_curves(tmp_path):
 
 
 def test_lr_max_find_trains_with_the_suggestion(data, tmp_path):
+    """On the smallest net: the ResNet's own sweep runs in the range test's tests above."""
     args = [*common(data, tmp_path), "--epochs", "1", "--batch-size", "50", "--lr-max", "find"]
-    assert train_resnet.main(args) == 0
+    assert train_ultimus.main(args) == 0
     found, metrics = read(tmp_path / "lr_finder.json"), read(tmp_path / "metrics.json")
     assert metrics["lr_max"] == found["lr_max"] and metrics["lr_min"] == found["lr_min"]
     assert metrics["lr_source"].startswith("range test")
@@ -97,7 +98,7 @@ def test_runs_reports_the_spread_over_seeds(data, tmp_path, capsys):
     assert summary["seeds"] == [3, 4] and len(summary["final_test_acc"]) == 2
     assert summary["mean"] == pytest.approx(np.mean(summary["final_test_acc"]))
     assert summary["std"] == pytest.approx(np.std(summary["final_test_acc"], ddof=1))
-    assert read(tmp_path / "seed4" / "metrics.json")["seed"] == 4
+    assert read(tmp_path / "seed4" / "metrics.json")["flags"]["seed"] == 4
     assert "± " in capsys.readouterr().out
 
 
@@ -108,7 +109,7 @@ def test_dilated_script_prints_the_receptive_field(data, tmp_path, capsys):
     assert rf > 44 and "nin" in out and "rout" in out
     assert (tmp_path / "receptive_field.txt").read_text().strip().endswith(f"Receptive field: {rf}")
     metrics = read(tmp_path / "metrics.json")
-    assert metrics["params"] < 200_000 and metrics["downsample"] == "strided"
+    assert metrics["params"] < 200_000 and metrics["flags"]["downsample"] == "strided"
 
 
 def test_ultimus_exact_and_residual_variants_train(data, tmp_path):
@@ -117,5 +118,5 @@ def test_ultimus_exact_and_residual_variants_train(data, tmp_path):
                                "--residual"]) == 0
     exact, residual = read(tmp_path / "exact" / "metrics.json"), read(tmp_path / "res" / "metrics.json")
     assert exact["params"] == residual["params"] == 25_786
-    assert exact["residual"] is False and residual["residual"] is True
-    assert exact["optimizer"] == "adam"
+    assert exact["flags"]["residual"] is False and residual["flags"]["residual"] is True
+    assert exact["flags"]["optimizer"] == "adam"

@@ -1,0 +1,129 @@
+"""What a run is built from its flags: the device, the data, the model, the loaders, the
+optimizer. A training run, a range test and ``--eval-only`` all build through here, so each
+sees the same model and the same batches for the same flags."""
+
+import functools
+import platform
+import time
+
+import torch
+from torch import nn
+
+from .data import DEFAULT_CACHE, Split, load_dataset
+from .device import autotune_convolutions, keep_freed_memory, pick_amp, pick_device
+from .ema import WeightEMA
+from .errors import UserError
+from .loader import DeviceLoader, balanced_subset, channel_stats
+from .models import build_model
+from .models.whitening import fit_whitening
+from .summary import summary_table
+
+
+def load_data(args, need_train):
+    cache = None if args.cache_dir == "none" else (args.cache_dir or DEFAULT_CACHE)
+    return load_dataset(args.data or "./data", need_train=need_train, download=args.data is None, cache_dir=cache)
+
+
+def pick_runtime(args):
+    """The device and autocast dtype the flags ask for, with the allocator and cuDNN set up for it."""
+    device = pick_device(args.device)
+    keep_freed_memory(device)
+    autotune_convolutions(device)
+    return device, pick_amp(args.amp, device)
+
+
+def describe_device(device):
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return device.type
+
+
+def take(split, n):
+    """The fixed class-balanced first ``n`` images of ``split`` (all of them for None)."""
+    idx = balanced_subset(split.labels, n, int(split.labels.max()) + 1)
+    return Split(split.images[idx], split.labels[idx])
+
+
+def make_model(recipe, flags, device):
+    """The recipe's model for ``flags`` (a dict: the parsed flags, or a checkpoint's), on ``device``."""
+    return build_model(recipe.name, **recipe.model_kwargs(flags)).to(device)
+
+
+def param_groups(model, weight_decay, bias_lr_scale=1.0):
+    """The trainable parameters, with the biases in a group of their own when ``bias_lr_scale`` != 1.
+
+    A bias (BN shifts, the FC bias) is not followed by a normalization, so unlike a conv weight
+    its LR sets how fast it moves in units of the activations. Page's bag of tricks trains them
+    at 64x the LR with weight decay divided by 64, which keeps their decay per step unchanged.
+    Each group's ``lr_scale`` is the multiple of the schedule's LR that it trains at.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if bias_lr_scale == 1:
+        return [{"params": [p for _, p in named], "weight_decay": weight_decay, "lr_scale": 1.0}]
+    return [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": weight_decay / bias_lr_scale,
+             "lr_scale": bias_lr_scale}]
+
+
+def make_optimizer(name, model, lr, weight_decay, bias_lr_scale=1.0):
+    groups = param_groups(model, weight_decay, bias_lr_scale)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def plain_batches(args, split, device, mean, std, batch_size=None):
+    """``split`` in order and un-augmented, laid out as the model is: what evaluation and
+    --recalibrate-bn read, in batches of ``batch_size`` (default --eval-batch-size)."""
+    return DeviceLoader(split, device, batch_size or args.eval_batch_size, mean, std, train=False,
+                        channels_last=args.channels_last)
+
+
+def bn_images(args, train, device, mean, std, batch_size):
+    """The un-augmented training images that --recalibrate-bn re-estimates BN statistics on, in
+    batches of ``batch_size``: the training batch size, which the batch statistics depend on."""
+    return plain_batches(args, take(train, args.recalibrate_bn), device, mean, std, batch_size)
+
+
+class Setup:
+    """Everything a training run or a range test builds from the flags, in one place. The order
+    of the steps is part of the result: the model's initialization draws from the seeded torch
+    generator, so building it earlier or later would train other weights."""
+
+    def __init__(self, recipe, args):
+        self.device, self.amp_dtype = pick_runtime(args)
+        torch.manual_seed(args.seed)
+        self.order_gen = torch.Generator().manual_seed(args.seed)
+        self.aug_gen = torch.Generator(self.device).manual_seed(args.seed + 1)
+        start = time.perf_counter()
+        self.ds = load_data(args, need_train=True)
+        self.data_load_s = time.perf_counter() - start
+        self.train = take(self.ds.train, args.train_subset)
+        self.test = take(self.ds.test, args.test_subset)
+        if len(self.train.labels) < args.batch_size:
+            raise UserError(f"--batch-size {args.batch_size} exceeds the {len(self.train.labels)} training images: "
+                            f"lower it or enlarge --train-subset")
+        self.mean, self.std = channel_stats(self.train.images)
+        self.model = make_model(recipe, vars(args), self.device)
+        first_flips = None
+        if args.flip == "alternating":  # drawn from the seed alone, so a resumed run draws them again
+            first_flips = torch.rand(len(self.train.labels), generator=torch.Generator().manual_seed(args.seed)) < 0.5
+        self.train_loader = DeviceLoader(self.train, self.device, args.batch_size, self.mean, self.std, train=True,
+                                         augment=functools.partial(recipe.augment, **recipe.augment_kwargs(vars(args))),
+                                         order_generator=self.order_gen,
+                                         aug_generator=self.aug_gen, channels_last=args.channels_last,
+                                         first_flips=first_flips)
+        fit_whitening(self.model, self.train_loader)
+        self.summary, self.params = summary_table(self.model)
+        self.report = recipe.report(self.model) if recipe.report else None
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # After the layout change, which makes new tensors: the average follows these ones.
+        self.ema = WeightEMA(self.model, args.ema_decay) if args.ema_decay else None
+        self.test_loader = plain_batches(args, self.test, self.device, self.mean, self.std)
+        # The LR here is a placeholder: the schedule (or the range test) sets it every step.
+        self.optimizer = make_optimizer(args.optimizer, self.model, 0.0, args.weight_decay,
+                                        args.bias_lr_scale)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)

@@ -1,0 +1,88 @@
+"""The images a run trains and tests on, held on the device as uint8 and batched there:
+class-balanced subsets, the channel statistics, and ``DeviceLoader``."""
+
+import numpy as np
+import torch
+
+from .augment import alternating_flip
+
+
+def balanced_subset(labels, n, num_classes):
+    """The first ``n`` indices in dataset order with the classes as equal as possible.
+
+    Each class gives its first n // C images, and the first n % C classes one more, so quick
+    runs on a subset see every class and always the same images.
+    """
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    picks = []
+    for c in range(num_classes):
+        quota = n // num_classes + (1 if c < n % num_classes else 0)
+        picks.append(np.flatnonzero(labels == c)[:quota])
+    return np.sort(np.concatenate(picks))
+
+
+def channel_stats(images):
+    """Per-channel mean and std of uint8 images, in 0..1 pixel space."""
+    x = images.reshape(images.shape[0], 3, -1)
+    mean = x.mean(axis=(0, 2), dtype=np.float64) / 255
+    sq = (x.astype(np.float32) / 255) ** 2
+    std = np.sqrt(sq.mean(axis=(0, 2), dtype=np.float64) - mean ** 2)
+    return mean.tolist(), std.tolist()
+
+
+class DeviceLoader:
+    """Batches of a split held on the device as uint8, normalized (and augmented) per batch.
+
+    Training order comes from ``order_generator`` (a CPU generator: one randperm per epoch);
+    augmentation draws from ``aug_generator`` on the device. Saving both generators' states
+    between epochs is what makes a resumed run exact.
+
+    ``first_flips`` (one bool per image) replaces the recipe's random flip with
+    ``augment.alternating_flip``, which needs the epoch: call ``set_epoch`` before each one, as
+    with torch's DistributedSampler.
+    """
+
+    def __init__(self, split, device, batch_size, mean, std, *, train, augment=None,
+                 order_generator=None, aug_generator=None, channels_last=False, first_flips=None):
+        self.images = torch.from_numpy(split.images).to(device)
+        self.labels = torch.from_numpy(split.labels).to(device)
+        self.batch_size = batch_size
+        self.train = train
+        self.augment = augment
+        self.order_generator = order_generator
+        self.aug_generator = aug_generator
+        self.channels_last = channels_last
+        self.first_flips = None if first_flips is None else first_flips.to(device)
+        self.epoch = 0
+        self.mean, self.std = mean, std
+        self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def __len__(self):
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def normalize(self, images):
+        return (images.float() / 255 - self._mean) / self._std
+
+    def __iter__(self):
+        if self.train:
+            order = torch.randperm(len(self.labels), generator=self.order_generator).to(self.images.device)
+        for i in range(len(self)):
+            if self.train:
+                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+                x, y = self.normalize(self.images[idx]), self.labels[idx]
+                if self.first_flips is not None:
+                    x = alternating_flip(x, self.first_flips[idx], self.epoch)
+                if self.augment is not None:
+                    x = self.augment(x, self.aug_generator, self.mean, self.std, flip=self.first_flips is None)
+            else:
+                sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+                x, y = self.normalize(self.images[sl]), self.labels[sl]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y

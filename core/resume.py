@@ -1,0 +1,64 @@
+"""Continuing a run from its checkpoint: which flags come from the command line and which from
+the checkpoint, and every piece of state that makes the continued run the one that stopped."""
+
+import argparse
+
+import torch
+
+from .errors import UserError
+
+# Flags that say where and how to run, not what to train: on --resume they come from the
+# command line; everything else comes from the checkpoint, so the run continues unchanged.
+RUN_PLACE_FLAGS = frozenset({"data", "cache_dir", "out", "device", "no_progress", "resume", "eval_only", "compile",
+                             "runs"})
+
+
+def merge_resume_flags(args, saved):
+    """The flags of a resumed run: the checkpoint's ``saved`` flags, with the run-place flags
+    given on this command line laid over them. A flag newer than the checkpoint takes this
+    command line's value, which is its default unless given."""
+    merged = {key: value if key in RUN_PLACE_FLAGS and value is not None else saved.get(key, value)
+              for key, value in vars(args).items()}
+    return argparse.Namespace(**merged)
+
+
+def rng_state(order_gen, aug_gen):
+    state = {"torch": torch.get_rng_state(), "order": order_gen.get_state(), "aug": aug_gen.get_state(),
+             "aug_device": aug_gen.device.type}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, order_gen, aug_gen, path):
+    """Put back every generator a run draws from. The augmentation generator lives on the training
+    device, and each kind of device has its own generator, so its state cannot move to another
+    kind: such a resume could not be exact, and is refused (evaluation is not)."""
+    saved, here = state.get("aug_device"), aug_gen.device.type  # older checkpoints do not say
+    fix = f"resume with --device {saved}" if saved else "resume it on the kind it trained on"
+    refusal = (f"{path} was trained on {saved or 'another kind of device'} and this run is on {here}: an exact "
+               f"resume needs the same kind of device, so {fix} (--eval-only runs anywhere)")
+    if saved not in (None, here):
+        raise UserError(refusal)
+    try:
+        aug_gen.set_state(state["aug"])
+    except RuntimeError:  # a state of another kind of generator
+        raise UserError(refusal) from None
+    torch.set_rng_state(state["torch"])
+    order_gen.set_state(state["order"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore(ckpt, setup, schedule, scaler, progress, path):
+    """Load the checkpoint's training state into a freshly built run, and its counters into the
+    ``progress`` dict (epoch, history, timings): the continued run starts where ``ckpt`` stopped."""
+    setup.model.load_state_dict(ckpt["model"])
+    setup.optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    if ckpt["scaler"]:  # empty when the run trained without fp16: a new loss scale then starts here
+        scaler.load_state_dict(ckpt["scaler"])
+    if setup.ema:
+        setup.ema.load_state_dict(ckpt["ema"])
+    set_rng_state(ckpt["rng"], setup.order_gen, setup.aug_gen, path)
+    progress.update({k: ckpt[k] for k in progress if k in ckpt})

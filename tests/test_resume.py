@@ -1,0 +1,132 @@
+"""What a run derives from its flags stays out of them, what a resume takes from where, and the
+LR bounds of --lr-max find: found once, kept beside the flags, resumed without a new sweep."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import train_ultimus
+from core import lr_finder_runner, trainer
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.cli import build_train_parser
+from core.flags import plain_flags
+from core.recipes import RECIPES
+from core.resume import RUN_PLACE_FLAGS, merge_resume_flags
+from tests.conftest import ctrl_c_in_second_epoch, write_batches
+
+HISTORY = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=200, n_test=100)
+
+
+def tiny(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "50", "--device", "cpu",
+            "--cache-dir", "none", "--no-progress", "--seed", "0", *extra]
+
+
+def metrics(out):
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+def history(out):
+    return [tuple(h[k] for k in HISTORY) for h in metrics(out)["history"]]
+
+
+def interrupt_after_first_epoch(data, out, monkeypatch, *flags):
+    with ctrl_c_in_second_epoch(monkeypatch):
+        assert train_ultimus.main(tiny(data, out, *flags)) == 130
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_the_run_place_flags_are_flags_and_no_training_flag_is_one(name):
+    dests = set(vars(build_train_parser(RECIPES[name]).parse_args([])))
+    assert RUN_PLACE_FLAGS <= dests
+    training = {"epochs", "batch_size", "lr_max", "lr_min", "lr_from", "max_at_epoch", "optimizer", "weight_decay",
+                "label_smoothing", "seed", "train_subset", "flip", "ema_decay", "amp", "channels_last"}
+    assert not RUN_PLACE_FLAGS & training
+
+
+def test_a_resume_takes_where_and_how_from_the_command_line_and_the_rest_from_the_checkpoint():
+    parser = build_train_parser(RECIPES["ultimus"])
+    saved = vars(parser.parse_args(["--epochs", "3", "--data", "old", "--seed", "7"]))
+    del saved["flip"]  # a checkpoint older than the flag
+    typed = parser.parse_args(["--resume", "x/last.pt", "--epochs", "9", "--data", "new", "--no-progress"])
+    merged = merge_resume_flags(typed, saved)
+    assert (merged.epochs, merged.seed) == (3, 7)
+    assert (merged.data, merged.resume, merged.no_progress) == ("new", "x/last.pt", True)
+    assert merged.out is None and merged.flip == "random"
+    assert typed.epochs == 9, "the parsed flags are not rewritten"
+
+
+def test_a_run_leaves_its_parsed_flags_alone_and_records_them_as_typed(data, tmp_path):
+    recipe = RECIPES["ultimus"]
+    args = build_train_parser(recipe).parse_args(tiny(data, tmp_path, "--lr-max", "find"))
+    typed = dict(vars(args))
+    assert trainer.run_training(recipe, args, "python train_ultimus.py ...") == 0
+    assert vars(args) == typed
+    m, ckpt = metrics(tmp_path), load_checkpoint(tmp_path / "last.pt")
+    found = json.loads((tmp_path / "lr_finder.json").read_text())
+    assert m["flags"] == plain_flags(args) == ckpt["args"] and m["flags"]["lr_max"] == "find"
+    assert m["flags"]["max_at_epoch"] is None and m["peak_epoch"] == pytest.approx(3 * 5 / 24)
+    assert ckpt["lr_bounds"] == {"lr_max": found["lr_max"], "lr_min": found["lr_min"], "source": m["lr_source"]}
+    assert (m["lr_max"], m["lr_min"]) == (found["lr_max"], found["lr_min"])
+
+
+def test_lr_max_find_trains_exactly_as_its_bounds_given_as_flags(data, tmp_path):
+    """The sweep draws batches and augmentations from the loader's generators; they are put back,
+    so training after it is the training the found bounds get on their own."""
+    found_out, given_out = tmp_path / "found", tmp_path / "given"
+    assert train_ultimus.main(tiny(data, found_out, "--lr-max", "find")) == 0
+    m = metrics(found_out)
+    assert train_ultimus.main(tiny(data, given_out, "--lr-max", repr(m["lr_max"]), "--lr-min", repr(m["lr_min"]))) == 0
+    assert history(found_out) == history(given_out)
+
+
+def test_an_interrupted_lr_max_find_run_resumes_without_a_new_sweep(data, tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_ultimus.main(tiny(data, straight, "--lr-max", "find")) == 0
+    interrupt_after_first_epoch(data, resumed, monkeypatch, "--lr-max", "find")
+    monkeypatch.setattr(lr_finder_runner, "find_bounds", lambda *a, **k: pytest.fail("swept again on resume"))
+    assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
+    assert history(resumed) == history(straight)
+    assert metrics(resumed)["lr_source"] == metrics(straight)["lr_source"]
+
+
+def as_written_before_lr_bounds(ckpt, out):
+    """A checkpoint as the toolkit wrote it before LRBounds: the run had written the bounds, the
+    peak epoch and its folder back into the flags, and saved no bounds of their own."""
+    bounds = ckpt.pop("lr_bounds")
+    ckpt["args"].update(lr_max=bounds["lr_max"], lr_min=bounds["lr_min"], lr_source=bounds["source"],
+                        lr_from=None, max_at_epoch=3 * 5 / 24, out=str(out))
+    return ckpt
+
+
+def test_a_checkpoint_from_before_lr_bounds_resumes_and_evaluates(data, tmp_path, monkeypatch, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_ultimus.main(tiny(data, straight, "--lr-max", "find")) == 0
+    interrupt_after_first_epoch(data, resumed, monkeypatch, "--lr-max", "find")
+    old = as_written_before_lr_bounds(load_checkpoint(resumed / "last.pt"), resumed)
+    save_checkpoint(resumed / "last.pt", old)
+    monkeypatch.setattr(lr_finder_runner, "find_bounds", lambda *a, **k: pytest.fail("swept again on resume"))
+    assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
+    assert history(resumed) == history(straight)
+    assert metrics(resumed)["lr_source"] == metrics(straight)["lr_source"]
+    save_checkpoint(tmp_path / "old.pt", as_written_before_lr_bounds(load_checkpoint(straight / "last.pt"), straight))
+    capsys.readouterr()
+    assert train_ultimus.main(["--eval-only", "--resume", str(tmp_path / "old.pt"), "--data", str(data),
+                               "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["test_acc"] == metrics(straight)["final_test_acc"]
+
+
+def test_a_one_step_warm_up_trains(data, tmp_path):
+    """One batch per epoch and the peak after the first epoch: the warm-up phase has no length."""
+    out = tmp_path / "one-step"
+    args = tiny(data, out, "--batch-size", "200", "--max-at-epoch", "1", "--lr-max", "0.003", "--lr-min", "0.0003")
+    assert train_ultimus.main(args) == 0
+    assert [h["lr"] for h in metrics(out)["history"]] == pytest.approx([0.003, 0.00165, 0.0003])
