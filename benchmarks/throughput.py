@@ -105,21 +105,26 @@ VARIANTS = {
 }
 
 
-def main(argv=None):
+def build_parser():
     p = ArgumentParser(prog="benchmarks/throughput.py", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="an image-folder root with train/<class>/ (the seeds' ImageFolder needs one)")
     add_cache_arg(p)
     p.add_argument("--models", nargs="+", default=["resnet"], choices=sorted(RECIPES), help="models to measure")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="where both pipelines train; auto takes CUDA, then MPS, then the CPU")
     p.add_argument("--ablate", action="store_true",
                    help="also measure ours without channels_last, in fp32, with torch.compile, with foreach or "
                         "fused SGD, with a host sync every step and with glibc's default malloc, and the seed "
                         "pipeline with freed memory kept")
-    p.add_argument("--batch-size", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=512, help="training batch size of both pipelines")
     p.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps per pipeline")
     p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the seed pipeline")
-    return run_cli(benchmark, argv, p)
+    return p
+
+
+def main(argv=None):
+    return run_cli(benchmark, argv, build_parser())
 
 
 def benchmark(args):

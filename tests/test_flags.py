@@ -1,6 +1,7 @@
 """Flag values, --help texts, and docs/flags.md against the parsers it is generated from."""
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,15 @@ def test_every_flag_of_every_script_is_on_the_page_with_its_help(script):
     for action in options(script_parsers()[script]):
         assert action.help, f"{script} {action.option_strings[0]} has no help text"
         assert all(f"`{o}`" in section for o in action.option_strings), action.option_strings
+
+
+def test_the_benchmark_flags_are_documented_beside_the_benchmark():
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = (ROOT / "docs" / "performance.md").read_text()
+    for action in options(module.build_parser()):
+        assert action.help and f"`{action.option_strings[0]}`" in page, action.option_strings
 
 
 @pytest.mark.parametrize("script", sorted(script_parsers()))
