@@ -16,12 +16,18 @@ from .errors import UserError
 from .loader import DeviceLoader, balanced_subset, channel_stats
 from .models import build_model
 from .models.whitening import fit_whitening
+from .outputs import check_folder
 from .summary import summary_table
 
 
-def load_data(args, need_train):
+def load_data(args, need_train, data=None):
+    """The dataset --data names (``data`` in its place, when given), through the --cache-dir cache;
+    without either, the official download in ./data."""
+    data = data or args.data
     cache = None if args.cache_dir == "none" else (args.cache_dir or DEFAULT_CACHE)
-    return load_dataset(args.data or "./data", need_train=need_train, download=args.data is None, cache_dir=cache)
+    if args.cache_dir not in (None, "none"):
+        check_folder(args.cache_dir, "--cache-dir")
+    return load_dataset(data or "./data", need_train=need_train, download=data is None, cache_dir=cache)
 
 
 def pick_runtime(args):
@@ -40,15 +46,16 @@ def describe_device(device):
     return device.type
 
 
-def take(split, n):
+def take(split, n, num_classes):
     """The fixed class-balanced first ``n`` images of ``split`` (all of them for None)."""
-    idx = balanced_subset(split.labels, n, int(split.labels.max()) + 1)
+    idx = balanced_subset(split.labels, n, num_classes)
     return Split(split.images[idx], split.labels[idx])
 
 
-def make_model(recipe, flags, device):
-    """The recipe's model for ``flags`` (a dict: the parsed flags, or a checkpoint's), on ``device``."""
-    return build_model(recipe.name, **recipe.model_kwargs(flags)).to(device)
+def make_model(recipe, flags, classes, device):
+    """The recipe's model for ``flags`` (a dict: the parsed flags, or a checkpoint's) with one
+    output per class, on ``device``."""
+    return build_model(recipe.name, num_classes=len(classes), **recipe.model_kwargs(flags)).to(device)
 
 
 def param_groups(model, weight_decay, bias_lr_scale=1.0):
@@ -81,10 +88,10 @@ def plain_batches(args, split, device, mean, std, batch_size=None):
                         channels_last=args.channels_last)
 
 
-def bn_images(args, train, device, mean, std, batch_size):
+def bn_images(args, train, num_classes, device, mean, std, batch_size):
     """The un-augmented training images that --recalibrate-bn re-estimates BN statistics on, in
     batches of ``batch_size``: the training batch size, which the batch statistics depend on."""
-    return plain_batches(args, take(train, args.recalibrate_bn), device, mean, std, batch_size)
+    return plain_batches(args, take(train, args.recalibrate_bn, num_classes), device, mean, std, batch_size)
 
 
 class Setup:
@@ -100,13 +107,13 @@ class Setup:
         start = time.perf_counter()
         self.ds = load_data(args, need_train=True)
         self.data_load_s = time.perf_counter() - start
-        self.train = take(self.ds.train, args.train_subset)
-        self.test = take(self.ds.test, args.test_subset)
+        self.train = take(self.ds.train, args.train_subset, len(self.ds.classes))
+        self.test = take(self.ds.test, args.test_subset, len(self.ds.classes))
         if len(self.train.labels) < args.batch_size:
             raise UserError(f"--batch-size {args.batch_size} exceeds the {len(self.train.labels)} training images: "
                             f"lower it or enlarge --train-subset")
         self.mean, self.std = channel_stats(self.train.images)
-        self.model = make_model(recipe, vars(args), self.device)
+        self.model = make_model(recipe, vars(args), self.ds.classes, self.device)
         first_flips = None
         if args.flip == "alternating":  # drawn from the seed alone, so a resumed run draws them again
             first_flips = torch.rand(len(self.train.labels), generator=torch.Generator().manual_seed(args.seed)) < 0.5

@@ -11,6 +11,10 @@ from .errors import UserError
 from .outputs import atomic_write_bytes
 
 FORMAT = "cifar-toolkit-checkpoint-v1"
+# What each use reads; a checkpoint lacking any is refused in one line rather than failing halfway.
+NEEDED = {"evaluate": ("model_name", "args", "model", "mean", "std", "classes"),
+          "resume": ("model_name", "args", "model", "mean", "std", "classes", "optimizer", "schedule", "scaler",
+                     "rng", "epoch")}
 
 
 def save_checkpoint(path, state):
@@ -19,8 +23,9 @@ def save_checkpoint(path, state):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path, model_name=None):
-    """Load and validate a checkpoint; ``model_name`` refuses one of another model."""
+def load_checkpoint(path, model_name=None, purpose=None):
+    """Load and validate a checkpoint; ``model_name`` refuses one of another model, ``purpose``
+    ('evaluate' or 'resume') one that lacks what that use reads."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -36,4 +41,8 @@ def load_checkpoint(path, model_name=None):
     if model_name is not None and ckpt.get("model_name") != model_name:
         raise UserError(f"{path} holds a '{ckpt.get('model_name')}' model, but this script trains "
                         f"'{model_name}': use the matching train_*.py")
+    missing = [key for key in NEEDED.get(purpose, ()) if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}, so it cannot {purpose} a run: pass a last.pt or "
+                        f"best.pt a training run wrote")
     return ckpt

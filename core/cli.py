@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from .errors import UserError
-from .flags import lr_or_find, non_negative_float, non_negative_int, positive_float, positive_int
+from .flags import (at_least_two, below_one, lr_or_find, non_negative_float, non_negative_int, positive_float,
+                    positive_int, seed_value)
 from .lr_finder import METHODS
 from .recipes import RECIPES
 
@@ -73,7 +74,7 @@ def add_device_args(p):
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory layout, faster for convs with AMP")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
+    g.add_argument("--seed", type=seed_value, default=0, help="seed for init, data order and augmentation")
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of tqdm bars")
 
 
@@ -108,7 +109,7 @@ def build_train_parser(recipe):
     g.add_argument("--bias-lr-scale", type=positive_float, default=1.0, metavar="K",
                    help="train biases (BN shifts, the FC bias) at K times the LR with weight decay / K "
                         "(Page's bag of tricks: 64)")
-    g.add_argument("--label-smoothing", type=non_negative_float, help="label smoothing of the training loss")
+    g.add_argument("--label-smoothing", type=below_one, help="label smoothing of the training loss, in [0, 1)")
     g.add_argument("--ema-decay", type=non_negative_float, default=0.0, metavar="DECAY",
                    help="evaluate (and checkpoint) an exponential moving average of the weights, updated every "
                         "step with this decay: 0.99 averages over about 100 steps (default: 0, off)")
@@ -131,7 +132,10 @@ def build_train_parser(recipe):
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--out", default=None, metavar="DIR",
                    help=f"output folder (default: runs/{recipe.name}-<timestamp>, or the checkpoint's folder on --resume)")
-    g.add_argument("--resume", default=None, metavar="PATH", help="continue from a last.pt or best.pt")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out already holds (its checkpoints, metrics and range test)")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue from a last.pt or best.pt, in its folder unless --out is given")
     g.add_argument("--eval-only", action="store_true",
                    help="with --resume: evaluate the checkpoint on --data's test split and write eval.json")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction,
@@ -147,6 +151,18 @@ def build_train_parser(recipe):
                         "training images (class-balanced), un-augmented: a forward pass over them (default: 0, off)")
     p.set_defaults(**recipe.defaults)
     return p
+
+
+_UNSET = object()
+
+
+def given_flags(parser, argv):
+    """The dests of the flags typed in ``argv``: argparse fills in a default only where the
+    namespace has no value, so a namespace holding a marker for every dest keeps the marker
+    wherever a flag was not given."""
+    marked = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
+    argparse.ArgumentParser.parse_known_args(parser, argv, marked)
+    return frozenset(dest for dest, value in vars(marked).items() if value is not _UNSET)
 
 
 def run_cli(entry, argv, parser):
@@ -174,7 +190,7 @@ def build_range_test_parser():
     g.add_argument("--weight-decay", type=non_negative_float, default=None, help="default: the train script's")
     g.add_argument("--start-lr", type=positive_float, default=1e-5, help="the LR of the sweep's first step")
     g.add_argument("--end-lr", type=positive_float, default=10.0, help="the LR of its last step")
-    g.add_argument("--num-iter", type=positive_int, default=100,
+    g.add_argument("--num-iter", type=at_least_two, default=100,
                    help="training steps in the sweep (fewer if the loss diverges first)")
     g.add_argument("--mode", choices=["exp", "linear"], default="exp", help="LR spacing")
     g.add_argument("--method", choices=METHODS, default=None,
@@ -226,6 +242,7 @@ def flags_markdown(parsers):
                          f"| {_default_cell(action)} | {_markdown_cell(action.help or '')} |")
         lines.append("")
     return "\n".join(lines)
+
 
 
 if __name__ == "__main__":

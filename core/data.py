@@ -10,17 +10,21 @@ the source's path, sizes and modification times: a second run starts in seconds,
 source is decoded again.
 """
 
+import contextlib
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
+from .outputs import temp_path
 from .sources import ARCHIVE_SUFFIXES, BATCHES_DIR, Dataset, Split, load_archive, load_folder
 
+OFFICIAL_ARCHIVE = "cifar-10-python.tar.gz"
 DEFAULT_CACHE = Path(os.environ.get("CIFAR_TOOLKIT_CACHE", Path.home() / ".cache" / "cifar-toolkit"))
 
 __all__ = ["DEFAULT_CACHE", "Dataset", "Split", "download_cifar10", "load_dataset"]
@@ -58,12 +62,31 @@ def download_cifar10(root):
 
 
 def _fingerprint(path):
-    h = hashlib.sha256(str(path.resolve()).encode())
+    # os.fsencode, not str.encode: a file name that is not UTF-8 holds surrogates that UTF-8 refuses
+    h = hashlib.sha256(os.fsencode(path.resolve()))
     entries = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for p in entries:
         st = p.stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
+
+
+def _official_archive(folder):
+    """The official archive a download left in ``folder`` without extracting it (torchvision's own
+    download, a copy by hand), verified by torchvision's checksum, or None when there is none."""
+    archive = folder / OFFICIAL_ARCHIVE
+    if not folder.is_dir() or (folder / BATCHES_DIR).exists() or not archive.is_file():
+        return None
+    from torchvision.datasets import CIFAR10  # lazy: torchvision pulls in much that training never uses
+
+    digest = hashlib.md5()
+    with open(archive, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != CIFAR10.tgz_md5:
+        raise UserError(f"{archive} is incomplete or damaged (its checksum is not the official one): delete it "
+                        f"to download CIFAR-10 again, or pass --data PATH to a local copy")
+    return archive
 
 
 def _cache_load(file, need_train):
@@ -81,13 +104,16 @@ def _cache_save(file, ds):
     arrays = {"test_images": ds.test.images, "test_labels": ds.test.labels, "classes": np.array(ds.classes)}
     if ds.train is not None:
         arrays.update(train_images=ds.train.images, train_labels=ds.train.labels)
+    tmp = temp_path(file, ".npz")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, file)
-    except OSError:
-        pass  # caching is an optimization; a read-only home must not stop training
+    except OSError as exc:  # caching is an optimization: a read-only home or a full disk must not stop training
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        print(f"warning: could not cache the decoded images in {file.parent} ({exc.strerror or exc}); "
+              f"going on without the cache", file=sys.stderr)
 
 
 def load_dataset(data, need_train=True, download=False, cache_dir=DEFAULT_CACHE):
@@ -98,6 +124,8 @@ def load_dataset(data, need_train=True, download=False, cache_dir=DEFAULT_CACHE)
     path = Path(data).expanduser()
     if download and (not path.exists() or (path.is_dir() and not any(path.iterdir()))):
         download_cifar10(path)
+    if download:
+        path = _official_archive(path) or path
     if not path.exists():
         raise UserError(f"data path {path} does not exist: pass --data PATH to CIFAR-10 "
                         f"(cifar-10-batches-py folder, image folder or .tar.gz), or omit --data to download it")

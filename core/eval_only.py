@@ -8,34 +8,39 @@ from .build import bn_images, load_data, make_model, pick_runtime, plain_batches
 from .checkpoint import load_checkpoint
 from .engine import evaluate, format_test_line, recalibrate_bn
 from .errors import UserError
-from .outputs import write_json
+from .outputs import check_folder, make_folder, write_json
 
 
 def evaluate_checkpoint(recipe, args):
     """The model is rebuilt from the checkpoint's own flags, and normalized with the training
-    statistics it saved, so a test split alone is enough (except for --recalibrate-bn)."""
-    ckpt = load_checkpoint(args.resume, recipe.name)
+    statistics it saved, so a test split alone is enough (except for --recalibrate-bn). Without
+    --data the checkpoint's own data is read, as a resume would."""
+    ckpt = load_checkpoint(args.resume, recipe.name, purpose="evaluate")
+    out = Path(args.out) if args.out else Path(args.resume).parent
+    check_folder(out)
     device, amp_dtype = pick_runtime(args)
-    ds = load_data(args, need_train=False)
+    data = args.data or ckpt["args"].get("data")
+    ds = load_data(args, need_train=False, data=data)
     if args.recalibrate_bn and ds.train is None:
-        raise UserError(f"--recalibrate-bn needs training images and {args.data} holds only a test split: "
+        raise UserError(f"--recalibrate-bn needs training images and {data} holds only a test split: "
                         f"drop the flag or point --data at the whole dataset")
-    if len(ds.classes) != len(ckpt["classes"]):
-        raise UserError(f"the checkpoint has {len(ckpt['classes'])} classes but {args.data} has {len(ds.classes)}")
-    model = make_model(recipe, ckpt["args"], device)
+    classes = list(ckpt["classes"])
+    if list(ds.classes) != classes:
+        raise UserError(f"the checkpoint's {len(classes)} classes ({', '.join(classes)}) are not those of "
+                        f"{data or './data'} ({', '.join(ds.classes)}): evaluate it on data with its classes")
+    model = make_model(recipe, ckpt["args"], classes, device)
     weights = "ema" if ckpt.get("ema") is not None else "model"  # what the run itself evaluated
     model.load_state_dict(ckpt[weights])
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.recalibrate_bn:
-        bn_loader = bn_images(args, ds.train, device, ckpt["mean"], ckpt["std"], ckpt["args"]["batch_size"])
+        bn_loader = bn_images(args, ds.train, len(classes), device, ckpt["mean"], ckpt["std"], ckpt["args"]["batch_size"])
         recalibrate_bn(model, bn_loader, device, amp_dtype)
-    loader = plain_batches(args, take(ds.test, args.test_subset), device, ckpt["mean"], ckpt["std"])
+    loader = plain_batches(args, take(ds.test, args.test_subset, len(classes)), device, ckpt["mean"], ckpt["std"])
     result = evaluate(model, loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift)
     print(format_test_line(result))
-    out = Path(args.out) if args.out else Path(args.resume).parent
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": args.data, "test_acc": result["acc"],
+    make_folder(out)
+    write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": data, "test_acc": result["acc"],
                                    "test_loss": result["loss"], "correct": result["correct"], "total": result["total"],
                                    "tta": args.tta, "tta_shift": args.tta_shift, "weights": weights,
                                    "recalibrate_bn": args.recalibrate_bn})

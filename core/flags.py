@@ -46,6 +46,33 @@ positive_float = _bounded_below(number, strict=True)
 non_negative_float = _bounded_below(number, strict=False)
 
 
+def below_one(text):
+    """A share in [0, 1), such as label smoothing: 1 would smooth the targets into a uniform guess."""
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be below 1")
+    return value
+
+
+def at_least_two(text):
+    value = whole_number(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 2")
+    return value
+
+
+# A run seeds the augmentation with seed + 1 and --runs N with seed .. seed + N - 1, and torch's
+# generators take 64-bit seeds: this bound leaves room for both.
+MAX_SEED = 2 ** 63 - 1
+
+
+def seed_value(text):
+    value = whole_number(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} must lie in 0..{MAX_SEED}")
+    return value
+
+
 def lr_or_find(text):
     return "find" if text == "find" else positive_float(text)
 

@@ -40,7 +40,9 @@ def resolve_lr_bounds(args, setup, out):
     if args.lr_max == "find":
         s = setup
         record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
-                             optimizer_name=args.optimizer, settings=plain_flags(args))
+                             optimizer_name=args.optimizer, settings=plain_flags(args),
+                             advice="give --lr-max and --lr-min instead, or read them off lr_range_test.py with a "
+                                    "wider --start-lr/--end-lr and pass its lr_finder.json with --lr-from")
         return LRBounds(record["lr_max"], record["lr_min"],
                         f"range test: lr_max by {record['method']}, lr_min {record['lr_min_method']}; see lr_finder.png")
     return LRBounds(args.lr_max, args.lr_min, "flags")
@@ -70,13 +72,15 @@ def _generators_restored(loader):
 
 
 def find_bounds(model, optimizer, loss_fn, loader, device, amp_dtype, out, *, start_lr=1e-5, end_lr=10.0,
-                num_iter=100, mode="exp", optimizer_name, method=None, val_loader=None, settings=None):
+                num_iter=100, mode="exp", optimizer_name, method=None, val_loader=None, settings=None,
+                advice):
     """Sweep, suggest lr_max and lr_min, and write ``out``/lr_finder.json and lr_finder.png.
 
     ``optimizer_name`` ('sgd' or 'adam') picks the default reading; ``method`` overrides it.
     The model, the optimizer and the loader's generators come back exactly as they were, so
     training right after it is the training the found bounds would get on their own.
-    ``settings``: the flags as plain values, recorded in the JSON.
+    ``settings``: the flags as plain values, recorded in the JSON. ``advice``: what the error for a
+    sweep that found no LR tells the user to do, in the flags of the script that ran it.
     """
     with _generators_restored(loader):
         result = range_test(model, optimizer, loss_fn, loader, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
@@ -85,8 +89,7 @@ def find_bounds(model, optimizer, loss_fn, loader, device, amp_dtype, out, *, st
         bounds = suggest_bounds(result.lrs, result.losses, optimizer_name, method)
         suggestions = {m: suggest(result.lrs, result.losses, m) for m in METHODS}
     except ValueError as exc:
-        raise UserError(f"the LR range test found no usable LR ({exc}); widen --start-lr/--end-lr "
-                        f"or raise --num-iter") from None
+        raise UserError(f"the LR range test found no usable LR ({exc}): {advice}") from None
     record = {**bounds, "suggestions": suggestions, "lrs": result.lrs, "losses": result.losses,
               "raw_losses": [x if math.isfinite(x) else None for x in result.raw_losses],
               "diverged_at": result.diverged_at, "mode": mode, "loss_kind": result.loss_kind,

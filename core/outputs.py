@@ -1,21 +1,48 @@
 """Run outputs written atomically (temp file, then rename), so an interrupted run never leaves
-a half-written file where a complete one stood."""
+a half-written file where a complete one stood; the output folder checked before any work,
+claimed by one run at a time, and cleared of temp files that dead processes left."""
 
+import contextlib
 import csv
 import io
 import json
 import os
+import re
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
 
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s"]
+LOCK_NAME = ".lock"
+_TEMP_FILE = re.compile(r"\.tmp(\d+)(\.png|\.npz)?$")  # what temp_path names, with a figure's or cache's suffix
+
+
+def temp_path(path, suffix=""):
+    """The temp file a write to ``path`` goes through: beside it, so the rename stays on one file
+    system, and named after this process, so a leftover can be told from a live write."""
+    return f"{path}.tmp{os.getpid()}{suffix}"
+
+
+def write_failed(path, exc, tmp):
+    """A UserError for a write to ``path`` that failed with ``exc``, once ``tmp`` is removed, so a
+    full disk is not left fuller."""
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    return UserError(f"could not write {path} ({exc.strerror or exc}): free some space, or choose a writable "
+                     f"folder with --out")
 
 
 def atomic_write_bytes(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise write_failed(path, exc, tmp) from None
 
 
 def atomic_write_text(path, text):
@@ -32,3 +59,77 @@ def write_history_csv(path, history):
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(path, buf.getvalue())
+
+
+def check_folder(folder, flag="--out"):
+    """Refuse, in one line, a folder that cannot be written, before any work is done: a file in
+    its place, or a first existing ancestor that refuses a file (read-only, no permission).
+    Nothing is created: a run that fails later on bad input leaves no folder behind."""
+    folder = Path(folder)
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"lies under {existing}, which is a file"
+        raise UserError(f"{flag} {folder} {where}, not a folder: choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(f"{flag} {folder}: cannot write in {existing} ({exc.strerror or exc}): "
+                        f"choose another {flag}") from None
+
+
+def make_folder(folder, flag="--out"):
+    check_folder(folder, flag)
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} {folder}: cannot create it ({exc.strerror or exc})") from None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder):
+    """Delete the temp files of writes that a process killed mid-write left in ``folder``."""
+    for path in Path(folder).iterdir():
+        match = _TEMP_FILE.search(path.name)
+        if match and path.is_file() and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+@contextlib.contextmanager
+def claimed(folder):
+    """Hold ``folder`` for this run: a lock file naming this process, refused while another live
+    process holds it, taken over when its holder died without removing it."""
+    lock = Path(folder) / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                raise UserError(f"another run (process {holder}) is writing into {folder}: wait for it to end, "
+                                f"or choose another --out") from None
+            with contextlib.suppress(OSError):
+                lock.unlink()
+    else:
+        raise UserError(f"could not claim {folder} ({lock} keeps coming back): is another run starting there?")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch
 
+from .outputs import temp_path, write_failed
 from .schedule import Cyclic, one_cycle_for_recipe, trace
 
 
@@ -22,10 +23,14 @@ def _pyplot():
 
 
 def _save(fig, path):
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    _pyplot().close(fig)
+    tmp = temp_path(path, ".png")
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise write_failed(path, exc, tmp) from None
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_curves(history, path):
@@ -138,3 +143,4 @@ def plot_schedule_examples(out, name, recipe_defaults, train_images=50_000):
                      title=f"{name} recipe: one-cycle {d['lr_min']:g} -> {d['lr_max']:g} (epoch 5) -> "
                            f"{d['lr_min']:g} over {d['epochs']} epochs, no annihilation")
     return paths
+

@@ -6,7 +6,7 @@ Everything else (data, engine, outputs, CLI flags) is shared, so a script is a r
 from dataclasses import dataclass, field
 
 from .augment import coarse_dropout, cutout, hflip, random_crop, shift_scale_rotate, to_gray
-from .flags import non_negative_float, non_negative_int, positive_float
+from .flags import non_negative_float, non_negative_int, positive_float, positive_int
 from .receptive_field import format_rf_table, receptive_field_table
 
 # Each pipeline is called as pipeline(x, generator, mean, std, flip) on a batch normalized with
@@ -130,7 +130,7 @@ RECIPES = {
         model_flags=(
             ("--downsample", dict(choices=["strided", "dilated"], default="strided",
                                   help="downsample with stride-2 convs, or keep 32x32 and grow dilations")),
-            ("--width", dict(type=int, default=32, help="channel width of the first block")),
+            ("--width", dict(type=positive_int, default=32, help="channel width of the first block")),
         ),
         report=receptive_field_report, report_name="receptive_field",
     ),

@@ -21,6 +21,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+BATCH_FILES = [*TRAIN_BATCHES, "test_batch", "batches.meta"]
+# Larger members are refused unread: a 32x32 image is a few kB, an official batch file 31 MB.
+MAX_IMAGE_BYTES = 1 << 20
+MAX_BATCH_BYTES = 256 << 20
 
 
 
@@ -45,7 +49,11 @@ def _decode_image(raw, name):
 
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            arr = np.asarray(im.convert("RGB"))
+            if im.mode.startswith("I"):  # 16-bit grayscale: convert("RGB") would clip it to white
+                gray = (np.asarray(im, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+                arr = np.repeat(gray[:, :, None], 3, axis=2)
+            else:
+                arr = np.asarray(im.convert("RGB"))
     except Exception as exc:  # PIL raises many types for a bad file
         raise UserError(f"cannot decode image {name}: {exc}") from None
     if arr.shape[:2] != (32, 32):
@@ -61,9 +69,10 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles the official batch files while refusing anything but numpy arrays and builtins,
     so a crafted pickle cannot run code."""
 
+    # _codecs.encode turns a string back into bytes: how protocol-2 pickles store bytes.
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -71,31 +80,34 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing {module}.{name}")
 
 
-def _read_batch(raw, name):
+def _read_batch(raw, name, num_classes):
     try:
         batch = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
         data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = batch.get("labels", batch.get("fine_labels"))
-        return data, list(labels)
+        labels = np.asarray(list(batch.get("labels", batch.get("fine_labels"))), dtype=np.int64)
     except Exception as exc:
         raise UserError(f"{name} is not a CIFAR-10 python batch file ({exc})") from None
+    if len(labels) != len(data):  # else every label after the gap would belong to another image
+        raise UserError(f"{name} holds {len(data)} images but {len(labels)} labels: re-create or re-download it")
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if len(outside):
+        raise UserError(f"{name} has label {outside[0]}, outside the {num_classes} classes of its batches.meta")
+    return data, labels
 
 
-def _read_batches(read, names, where):
-    images, labels = [], []
-    for name in names:
-        data, lab = _read_batch(read(name), f"{where}/{name}")
-        images.append(data)
-        labels += lab
-    return Split(np.concatenate(images), np.asarray(labels, dtype=np.int64))
+def _read_batches(read, names, where, num_classes):
+    parts = [_read_batch(read(name), f"{where}/{name}", num_classes) for name in names]
+    return Split(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
-def _official_classes(read):
-    try:
-        meta = _ArrayUnpickler(io.BytesIO(read("batches.meta")), encoding="latin1").load()
-        return list(meta["label_names"])
-    except Exception:
-        return ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+def _official_classes(read, exists):
+    if exists("batches.meta"):
+        try:
+            meta = _ArrayUnpickler(io.BytesIO(read("batches.meta")), encoding="latin1").load()
+            return [str(name) for name in meta["label_names"]]
+        except Exception:
+            pass  # an unreadable meta file loses only the names
+    return ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def _from_batches(read, exists, where, need_train):
@@ -104,12 +116,13 @@ def _from_batches(read, exists, where, need_train):
     missing = [n for n in TRAIN_BATCHES if not exists(n)]
     if need_train and missing:
         raise UserError(f"{where} lacks {', '.join(missing)}: not a complete cifar-10-batches-py folder")
-    train = None if missing else _read_batches(read, TRAIN_BATCHES, where)
-    return Dataset(train, _read_batches(read, ["test_batch"], where), _official_classes(read))
+    classes = _official_classes(read, exists)
+    train = None if missing else _read_batches(read, TRAIN_BATCHES, where, len(classes))
+    return Dataset(train, _read_batches(read, ["test_batch"], where, len(classes)), classes)
 
 
-def _from_image_files(files, read, where, need_train):
-    """``files`` maps 'train'/'test' to {class: [file names]}; ``read(name)`` gives the bytes."""
+def _from_image_files(files, decoded, where, need_train):
+    """``files`` maps 'train'/'test' to {class: [file names]}; ``decoded(name)`` gives the image."""
     test = files.get("test") or {}
     train = files.get("train") or {}
     if not test:
@@ -125,7 +138,7 @@ def _from_image_files(files, read, where, need_train):
         images, labels = [], []
         for label, cls in enumerate(classes):
             for name in sorted(per_class[cls]):
-                images.append(_decode_image(read(name), f"{where}/{name}"))
+                images.append(decoded(name))
                 labels.append(label)
         return _stack(images, labels)
 
@@ -160,7 +173,8 @@ def load_folder(root, need_train):
     if len(roots) > 1:
         raise UserError(f"{root} holds several image-folder roots ({', '.join('/'.join(r) or '.' for r in roots)}): "
                         f"point --data at one of them")
-    return _from_image_files(files, lambda n: (root / n).read_bytes(), str(root), need_train)
+    return _from_image_files(files, lambda n: _decode_image((root / n).read_bytes(), f"{root}/{n}"), str(root),
+                             need_train)
 
 
 def _safe_members(tar, path):
@@ -177,25 +191,41 @@ def _safe_members(tar, path):
     return members
 
 
+def _read_members(tar, members, wanted, limit, path, use):
+    """``use(name, bytes)`` of each wanted member, read in archive order (a gzip stream cannot seek
+    backwards without starting over); the rest are skipped unread, and a member over ``limit``
+    bytes is refused before it is read."""
+    for name, member in members.items():
+        if name in wanted:
+            if member.size > limit:
+                raise UserError(f"{path}: archive member {name} is {member.size:,} bytes, too large for what its "
+                                f"name says it is (at most {limit:,}); refusing the archive")
+            use(name, tar.extractfile(member).read())
+
+
 def load_archive(path, need_train):
+    """Only the members the dataset needs are read, and images are decoded as they are read, so
+    the load holds little more than the decoded images, whatever else the archive carries."""
     try:
         with tarfile.open(path) as tar:
             members = _safe_members(tar, path)
-            # Read in archive order: a gzip stream cannot seek backwards without starting over.
-            blobs = {name: tar.extractfile(m).read() for name, m in members.items()}
-            read = blobs.__getitem__
-
             batch_dirs = {os.path.dirname(n) for n in members if os.path.basename(n) == "test_batch"}
             if batch_dirs:
                 d = sorted(batch_dirs)[0]
                 full = lambda n: os.path.join(d, n) if d else n  # noqa: E731
-                return _from_batches(lambda n: read(full(n)), lambda n: full(n) in blobs, str(path), need_train)
-            files, roots = _group_image_files(blobs)
+                blobs = {}
+                _read_members(tar, members, {full(n) for n in BATCH_FILES}, MAX_BATCH_BYTES, path, blobs.__setitem__)
+                return _from_batches(lambda n: blobs[full(n)], lambda n: full(n) in blobs, str(path), need_train)
+            files, roots = _group_image_files(members)
             if not files:
                 raise UserError(f"{path} holds no CIFAR-10 data: expected cifar-10-batches-py/ or train/ and test/ image folders")
             if len(roots) > 1:
                 raise UserError(f"{path} holds several image-folder roots; pack only one")
-            return _from_image_files(files, read, str(path), need_train)
+            images = {}
+            wanted = {name for per_class in files.values() for names in per_class.values() for name in names}
+            _read_members(tar, members, wanted, MAX_IMAGE_BYTES, path,
+                          lambda name, raw: images.__setitem__(name, _decode_image(raw, f"{path}/{name}")))
+            return _from_image_files(files, images.__getitem__, str(path), need_train)
     except (tarfile.TarError, EOFError, OSError, KeyError) as exc:
         reason = (str(exc).splitlines() or [""])[0].rstrip(":")  # tarfile's messages run over several lines
         raise UserError(f"{path} is not a readable tar archive ({exc.__class__.__name__}: {reason}); "

@@ -5,7 +5,6 @@ the output folder: checkpoints, metrics and figures. Also ``--runs``, and the di
 import json
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +20,11 @@ from .eval_only import evaluate_checkpoint
 from .flags import peak_epoch, plain_flags, validate
 from .lr_finder_runner import checkpoint_bounds, resolve_lr_bounds
 from .outputs import atomic_write_text, write_history_csv, write_json
-from .resume import merge_resume_flags, restore, rng_state
+from .resume import merge_resume_flags, refuse_changed_flags, restore, rng_state
+from .run_folder import check_run_folder, claimed_run_folder, default_out, resume_command, run_folder
 from .schedule import one_cycle_for_recipe, trace
 
 MISCLASSIFIED_SHOWN = 20
-
-
-def default_out(recipe):
-    return Path(f"runs/{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}")
-
-
-def run_folder(recipe, args):
-    """Where the run writes: --out (on a resume, as given now, else as the checkpoint recorded
-    it); else, on a resume, the folder the checkpoint lies in; else a new folder under runs/."""
-    if args.out:
-        return Path(args.out)
-    return Path(args.resume).parent if args.resume else default_out(recipe)
 
 
 def print_summary(setup, recipe, out):
@@ -47,22 +35,30 @@ def print_summary(setup, recipe, out):
         atomic_write_text(out / f"{recipe.report_name}.txt", setup.report + "\n")
 
 
-def run_training(recipe, args, command):
+def run_training(recipe, args, command, given=frozenset()):
     """``command``: the command line that started this process, kept in metrics.json so a run can be
-    repeated; a resumed run keeps the one that started it and lists the resumes after it."""
+    repeated; a resumed run keeps the one that started it and lists the resumes after it.
+    ``given``: the flags typed on that command line, which a resume must not contradict."""
     validate(args)
     if args.eval_only:
         return evaluate_checkpoint(recipe, args)
     if args.runs > 1:
-        return run_many(recipe, args, command)
+        return run_many(recipe, args, command, given)
     ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(args.resume, recipe.name)
+        ckpt = load_checkpoint(args.resume, recipe.name, purpose="resume")
+        refuse_changed_flags(given, args, ckpt["args"], args.resume)
         args = merge_resume_flags(args, ckpt["args"])
         validate(args)
-    s = Setup(recipe, args)
     out = run_folder(recipe, args)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_folder(out, args, ckpt, recipe.script)
+    s = Setup(recipe, args)
+    with claimed_run_folder(out, args, ckpt):
+        return train(recipe, args, command, s, out, ckpt)
+
+
+def train(recipe, args, command, s, out, ckpt):
+    """The run itself, in a folder it holds: LR bounds, schedule, the epoch loop, the figures."""
     print_summary(s, recipe, out)
     bounds = checkpoint_bounds(ckpt) if ckpt is not None else resolve_lr_bounds(args, s, out)
     print(f"LR bounds: lr_max {bounds.lr_max:.4g}, lr_min {bounds.lr_min:.4g} (from {bounds.source})")
@@ -90,7 +86,9 @@ def run_training(recipe, args, command):
 
     step_model = torch.compile(model) if args.compile else model
     eval_model = s.ema.module if s.ema else step_model
-    bn_loader = bn_images(args, s.train, device, s.mean, s.std, args.batch_size) if args.recalibrate_bn else None
+    bn_loader = None
+    if args.recalibrate_bn:
+        bn_loader = bn_images(args, s.train, len(s.ds.classes), device, s.mean, s.std, args.batch_size)
 
     def evaluate_now(keep_predictions):
         if bn_loader is not None:  # on the plain module: a compiled one would recompile for the switch
@@ -134,16 +132,16 @@ def run_training(recipe, args, command):
             is_best = evaluated and ev["acc"] > state["best_test_acc"]
             if is_best:
                 state["best_test_acc"] = ev["acc"]
-            save_checkpoint(out / "last.pt", checkpoint())
-            if is_best:
+            if is_best:  # first: a kill between the two writes leaves best.pt no older than last.pt
                 save_checkpoint(out / "best.pt", checkpoint())
+            save_checkpoint(out / "last.pt", checkpoint())
             write_metrics(out, info, state)
     except NonFiniteLoss as exc:
         raise UserError(f"{exc}; stopped. The last good checkpoint is {out / 'last.pt'}: "
                         f"lower --lr-max (try lr_range_test.py) and train again") from None
     except KeyboardInterrupt:
-        print(f"\nInterrupted. {out / 'last.pt'} holds the state after epoch {state['epoch']}; resume with:\n"
-              f"  python {recipe.script} --resume {out / 'last.pt'}", file=sys.stderr)
+        print(f"\nInterrupted. {out / 'last.pt'} holds the state after epoch {state['epoch']} (the epoch in "
+              f"progress is lost); resume with:\n  {resume_command(recipe.script, out / 'last.pt')}", file=sys.stderr)
         return 130
     if ev is None:  # resumed from a run that had already finished: nothing was evaluated yet
         ev = evaluate_now(keep_predictions=True)
@@ -153,14 +151,14 @@ def run_training(recipe, args, command):
     return 0
 
 
-def run_many(recipe, args, command):
+def run_many(recipe, args, command, given):
     """--runs N: N independent runs with consecutive seeds, and the spread of their accuracy."""
     base = Path(args.out) if args.out else default_out(recipe)
     finals, bests = [], []
     for i in range(args.runs):
         run_args = type(args)(**{**vars(args), "runs": 1, "seed": args.seed + i, "out": str(base / f"seed{args.seed + i}")})
         print(f"=== run {i + 1}/{args.runs}, seed {run_args.seed} ===")
-        code = run_training(recipe, run_args, command)
+        code = run_training(recipe, run_args, command, given)
         if code:
             return code
         with open(Path(run_args.out) / "metrics.json") as f:

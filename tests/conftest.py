@@ -1,7 +1,9 @@
 """Tiny synthetic CIFAR-10 look-alikes in every format the loader accepts, and a Ctrl-C."""
 
 import contextlib
+import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +14,11 @@ from core import trainer
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def synthetic_images(n, seed):
+def synthetic_images(n, seed, num_classes=10):
     """Images whose class is visible (a per-class colour), so a tiny run can learn something."""
     rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 10
-    colours = np.stack([labels * 25, 250 - labels * 25, (labels * 70) % 250], axis=1)
+    labels = np.arange(n) % num_classes
+    colours = np.stack([(labels * 25) % 250, 250 - (labels * 25) % 250, (labels * 70) % 250], axis=1)
     noise = rng.integers(-40, 40, (n, 3, 32, 32))
     images = np.clip(colours[:, :, None, None] + noise, 0, 255).astype(np.uint8)
     return images, labels
@@ -35,9 +37,11 @@ def write_batches(folder, n_train=100, n_test=50):
     return folder
 
 
-def write_image_folder(root, n_train=100, n_test=50, ext="png", classes=CLASSES):
+def write_image_folder(root, n_train=100, n_test=50, ext="png", classes=CLASSES, num_labels=10):
+    """An image folder of ``classes`` drawn from ``num_labels`` labels: a label beyond the class
+    names is left out, so fewer names than labels make a dataset with fewer classes."""
     for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
-        images, labels = synthetic_images(n, seed)
+        images, labels = synthetic_images(n, seed, num_labels)
         for i, (img, label) in enumerate(zip(images, labels)):
             if label >= len(classes):
                 continue
@@ -78,3 +82,15 @@ def ctrl_c_in_second_epoch(monkeypatch):
         yield
     finally:
         monkeypatch.setattr(trainer, "train_epoch", real_epoch)
+
+
+def metrics(out):
+    """A run's metrics.json."""
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+def one_error_line(capsys):
+    """What a refused command printed: exactly one line on stderr, and no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]

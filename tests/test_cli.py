@@ -16,7 +16,7 @@ from core.checkpoint import load_checkpoint, save_checkpoint
 from core.cli import build_train_parser
 from core.models import MODELS
 from core.recipes import RECIPES
-from tests.conftest import ctrl_c_in_second_epoch, write_batches, write_image_folder
+from tests.conftest import ctrl_c_in_second_epoch, metrics, one_error_line, write_batches, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,19 +32,11 @@ def tiny(data, out, *extra):
             "--cache-dir", "none", "--no-progress", "--seed", "0", *extra]
 
 
-def metrics(out):
-    return json.loads((Path(out) / "metrics.json").read_text())
-
 
 def training_figures(m):
     """Per epoch, what training alone decides: evaluation settings must leave these unchanged."""
     return [(h["train_loss"], h["train_acc"], h["lr"]) for h in m["history"]]
 
-
-def one_error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 @pytest.fixture(scope="module")

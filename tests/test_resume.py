@@ -2,6 +2,7 @@
 LR bounds of --lr-max find: found once, kept beside the flags, resumed without a new sweep."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ from core.cli import build_train_parser
 from core.flags import plain_flags
 from core.recipes import RECIPES
 from core.resume import RUN_PLACE_FLAGS, merge_resume_flags
-from tests.conftest import ctrl_c_in_second_epoch, write_batches
+from tests.conftest import ctrl_c_in_second_epoch, metrics, write_batches
 
+ROOT = Path(__file__).resolve().parents[1]
 HISTORY = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
@@ -27,9 +29,6 @@ def tiny(data, out, *extra):
     return ["--data", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "50", "--device", "cpu",
             "--cache-dir", "none", "--no-progress", "--seed", "0", *extra]
 
-
-def metrics(out):
-    return json.loads((Path(out) / "metrics.json").read_text())
 
 
 def history(out):
@@ -49,6 +48,14 @@ def test_the_run_place_flags_are_flags_and_no_training_flag_is_one(name):
     training = {"epochs", "batch_size", "lr_max", "lr_min", "lr_from", "max_at_epoch", "optimizer", "weight_decay",
                 "label_smoothing", "seed", "train_subset", "flip", "ema_decay", "amp", "channels_last"}
     assert not RUN_PLACE_FLAGS & training
+
+
+def test_the_readme_and_training_page_name_exactly_the_flags_a_resume_takes():
+    readme = (ROOT / "README.md").read_text().split("line only ")[1].split(";")[0]
+    page = (ROOT / "docs" / "training.md").read_text().split("where and how to run:")[1].split("(`RUN_")[0]
+    expected = {"--" + dest.replace("_", "-") for dest in RUN_PLACE_FLAGS}
+    assert set(re.findall(r"--[a-z-]+", readme)) == expected
+    assert set(re.findall(r"--[a-z-]+", page)) == expected
 
 
 def test_a_resume_takes_where_and_how_from_the_command_line_and_the_rest_from_the_checkpoint():
