@@ -8,7 +8,7 @@ import sys
 
 from .errors import UserError
 from .flags import (at_least_two, below_one, lr_or_find, non_negative_float, non_negative_int, positive_float,
-                    positive_int, seed_value)
+                    positive_int, seed_value, whole_number)
 from .lr_finder import METHODS
 from .recipes import RECIPES
 
@@ -208,6 +208,7 @@ def script_parsers():
     """Every entry point's parser, by script name."""
     parsers = {recipe.script: build_train_parser(recipe) for recipe in RECIPES.values()}
     parsers["lr_range_test.py"] = build_range_test_parser()
+    parsers["predict.py"] = build_predict_parser()
     return parsers
 
 
@@ -235,14 +236,39 @@ def flags_markdown(parsers):
                   "| flag | value | default | meaning |", "|---|---|---|---|"]
         formatter = parser._get_formatter()
         for action in parser._actions:
-            if not action.option_strings or action.dest == "help":
+            if action.dest == "help":
                 continue
             value = formatter._format_args(action, action.dest.upper()) if action.nargs != 0 else ""
-            lines.append(f"| {', '.join(f'`{o}`' for o in action.option_strings)} | {_markdown_cell(value)} "
+            names = action.option_strings or [action.metavar or action.dest]  # a positional: its metavar
+            lines.append(f"| {', '.join(f'`{o}`' for o in names)} | {_markdown_cell(value)} "
                          f"| {_default_cell(action)} | {_markdown_cell(action.help or '')} |")
         lines.append("")
     return "\n".join(lines)
 
+
+
+def top_k_count(text):
+    value = whole_number(text)
+    if not 1 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"{value} must lie in 1..10")
+    return value
+
+
+def build_predict_parser():
+    p = ArgumentParser(prog="predict.py", description="Classify image files with a trained checkpoint.")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="image files, or folders searched recursively for them; any size and mode: converted to "
+                        "RGB and, unless 32x32, resized to 32x32 with antialiasing (bicubic)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a last.pt or best.pt a training run wrote")
+    p.add_argument("--topk", type=top_k_count, default=3, metavar="K", help="how many classes to list per image (1-10)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {path, topk: [{class, prob}]} instead")
+    p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
+    p.add_argument("--gradcam", default=None, metavar="DIR",
+                   help="also write each image with the Grad-CAM of its top class to DIR")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="where to run; auto takes CUDA, then MPS, then the CPU")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    return p
 
 
 if __name__ == "__main__":

@@ -1,17 +1,25 @@
-"""What each entry point does with its parsed flags: the train scripts run a training, and
-lr_range_test.py sweeps the LR for a recipe or draws the schedule examples."""
+"""What each entry point does with its parsed flags: the train scripts run a training,
+lr_range_test.py sweeps the LR for a recipe or draws the schedule examples, and predict.py
+classifies image files."""
 
 import argparse
+import json
 import shlex
 import sys
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from . import plots
 from .build import Setup
-from .cli import build_range_test_parser, build_train_parser, given_flags, run_cli
+from .cli import build_predict_parser, build_range_test_parser, build_train_parser, given_flags, run_cli
+from .device import pick_device
 from .errors import UserError
 from .flags import plain_flags
+from .gradcam import default_cam_layer, grad_cam
+from .inference import image_files, load_trained, predict, prepare, read_image, top_k
 from .lr_finder_runner import find_bounds
 from .outputs import check_folder, make_folder
 from .recipes import RECIPES
@@ -80,3 +88,36 @@ def recipe_flags(recipe, args):
     given = {key: value for key, value in vars(args).items() if key in train and value is not None}
     return argparse.Namespace(**{**train, **given})
 
+
+def predict_main(argv=None):
+    """The whole of predict.py."""
+    return run_cli(run_predict, argv, build_predict_parser())
+
+
+def run_predict(args):
+    if args.gradcam:
+        check_folder(args.gradcam, "--gradcam")
+    files = image_files(args.images)
+    device = pick_device(args.device)
+    model, info = load_trained(args.checkpoint, device)
+    images = np.stack([read_image(path) for path in files])
+    x = prepare(images, info, device)
+    probs = torch.cat([predict(model, x[i:i + args.batch_size], tta=args.tta)
+                       for i in range(0, len(x), args.batch_size)])
+    results = [{"path": str(path), "topk": top} for path, top in zip(files, top_k(probs, info["classes"], args.topk))]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            print(f"{result['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in result["topk"]))
+    if args.gradcam:
+        make_folder(args.gradcam)
+        top = probs.argmax(1)
+        cams = torch.cat([grad_cam(model, x[i:i + args.batch_size], default_cam_layer(model), top[i:i + args.batch_size])
+                          for i in range(0, len(x), args.batch_size)])
+        for i, path in enumerate(files):
+            target = Path(args.gradcam) / f"{i:04d}-{path.stem}-gradcam.png"
+            plots.plot_image_cam(images[i], cams[i].cpu().numpy(), f"{path.name}: {info['classes'][top[i]]} "
+                                 f"({probs[i, top[i]]:.2f})", target)
+        print(f"Wrote {len(files)} Grad-CAM images to {args.gradcam}")
+    return 0

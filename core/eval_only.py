@@ -1,4 +1,5 @@
-"""``--eval-only``: score a checkpoint on a test split, anywhere, and write eval.json."""
+"""``--eval-only``: score a checkpoint on a test split, anywhere, and write eval.json with the
+confusion matrix, and the error figures (confusion.png, misclassified.png, gradcam.png)."""
 
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from .checkpoint import load_checkpoint
 from .engine import evaluate, format_test_line, recalibrate_bn
 from .errors import UserError
 from .outputs import check_folder, make_folder, write_json
+from .report import write_error_report
 
 
 def evaluate_checkpoint(recipe, args):
@@ -36,12 +38,15 @@ def evaluate_checkpoint(recipe, args):
     if args.recalibrate_bn:
         bn_loader = bn_images(args, ds.train, len(classes), device, ckpt["mean"], ckpt["std"], ckpt["args"]["batch_size"])
         recalibrate_bn(model, bn_loader, device, amp_dtype)
-    loader = plain_batches(args, take(ds.test, args.test_subset, len(classes)), device, ckpt["mean"], ckpt["std"])
-    result = evaluate(model, loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift)
+    test = take(ds.test, args.test_subset, len(classes))
+    loader = plain_batches(args, test, device, ckpt["mean"], ckpt["std"])
+    result = evaluate(model, loader, device, amp_dtype, keep_predictions=True, tta=args.tta, tta_shift=args.tta_shift)
     print(format_test_line(result))
     make_folder(out)
+    report = write_error_report(out, model, test, result["predictions"].numpy(), classes, ckpt["mean"], ckpt["std"],
+                                tta=args.tta, tta_shift=args.tta_shift)
     write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": data, "test_acc": result["acc"],
                                    "test_loss": result["loss"], "correct": result["correct"], "total": result["total"],
                                    "tta": args.tta, "tta_shift": args.tta_shift, "weights": weights,
-                                   "recalibrate_bn": args.recalibrate_bn})
+                                   "recalibrate_bn": args.recalibrate_bn, **report})
     return 0

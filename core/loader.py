@@ -31,6 +31,17 @@ def channel_stats(images):
     return mean.tolist(), std.tolist()
 
 
+def channel_tensor(values, device):
+    """Per-channel statistics as a (1, 3, 1, 1) float tensor on ``device``."""
+    return torch.tensor(values, device=device).view(1, 3, 1, 1)
+
+
+def normalize(images, mean, std):
+    """uint8 images (N, 3, H, W) as the models see them: 0..1, minus the channel mean, over its std
+    (``mean`` and ``std`` from ``channel_tensor``)."""
+    return (images.float() / 255 - mean) / std
+
+
 class DeviceLoader:
     """Batches of a split held on the device as uint8, normalized (and augmented) per batch.
 
@@ -56,8 +67,7 @@ class DeviceLoader:
         self.first_flips = None if first_flips is None else first_flips.to(device)
         self.epoch = 0
         self.mean, self.std = mean, std
-        self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self._mean, self._std = channel_tensor(mean, device), channel_tensor(std, device)
 
     def __len__(self):
         n = len(self.labels)
@@ -67,7 +77,7 @@ class DeviceLoader:
         self.epoch = epoch
 
     def normalize(self, images):
-        return (images.float() / 255 - self._mean) / self._std
+        return normalize(images, self._mean, self._std)
 
     def __iter__(self):
         if self.train:

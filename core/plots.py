@@ -144,3 +144,63 @@ def plot_schedule_examples(out, name, recipe_defaults, train_images=50_000):
                            f"{d['lr_min']:g} over {d['epochs']} epochs, no annihilation")
     return paths
 
+
+def plot_confusion(confusion, classes, path):
+    """The confusion matrix (rows: true class, columns: predicted), counts in the cells, each
+    cell coloured by its share of the row, so a class's errors read at a glance."""
+    plt = _pyplot()
+    counts = np.asarray(confusion)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * n, 0.8 + 0.55 * n))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8 if n <= 12 else 5,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"Confusion matrix: {np.trace(counts)}/{counts.sum()} correct")
+    _save(fig, path)
+
+
+def _heat_overlay(picture, cam, alpha=0.45):
+    """``picture`` (H, W, 3 uint8) with ``cam`` (H, W in [0, 1]) laid over it in the jet colours."""
+    heat = _pyplot().get_cmap("jet")(np.clip(cam, 0, 1))[..., :3]
+    return ((1 - alpha) * picture / 255 + alpha * heat).clip(0, 1)
+
+
+def plot_gradcam(images, true, pred, prob, pred_maps, true_maps, classes, path):
+    """Per image (uint8, N x 3 x H x W): the image, the Grad-CAM of the predicted class over it,
+    and that of the true class, side by side in one panel titled with both labels and the
+    predicted probability (one axes per image: a figure of many small axes is slow to draw)."""
+    plt = _pyplot()
+    per_row = 3
+    rows = max(1, -(-len(images) // per_row))
+    fig, axes = plt.subplots(rows, per_row, figsize=(4.2 * per_row, 1.75 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, ax in zip(range(len(images)), axes.ravel()):
+        picture = np.asarray(images[i]).transpose(1, 2, 0)
+        gap = np.ones((picture.shape[0], 2, 3))
+        panel = np.concatenate([picture / 255, gap, _heat_overlay(picture, pred_maps[i]), gap,
+                                _heat_overlay(picture, true_maps[i])], axis=1)
+        ax.imshow(panel, interpolation="nearest")
+        ax.set_title(f"true: {classes[true[i]]}, pred: {classes[pred[i]]} ({prob[i]:.2f})\n"
+                     f"image | map of pred | map of true", fontsize=7)
+    fig.suptitle("Misclassified test images: Grad-CAM of the predicted and of the true class", fontsize=10)
+    _save(fig, path)
+
+
+def plot_image_cam(image, cam, title, path):
+    """One image (uint8, 3 x H x W) beside its Grad-CAM overlay."""
+    plt = _pyplot()
+    picture = np.asarray(image).transpose(1, 2, 0)
+    fig, (plain, overlay) = plt.subplots(1, 2, figsize=(4.4, 2.5))
+    for ax in (plain, overlay):
+        ax.imshow(picture, interpolation="nearest")
+        ax.axis("off")
+    overlay.imshow(np.asarray(cam), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)

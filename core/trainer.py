@@ -20,12 +20,10 @@ from .eval_only import evaluate_checkpoint
 from .flags import peak_epoch, plain_flags, validate
 from .lr_finder_runner import checkpoint_bounds, resolve_lr_bounds
 from .outputs import atomic_write_text, write_history_csv, write_json
+from .report import write_error_report
 from .resume import merge_resume_flags, refuse_changed_flags, restore, rng_state
 from .run_folder import check_run_folder, claimed_run_folder, default_out, resume_command, run_folder
 from .schedule import one_cycle_for_recipe, trace
-
-MISCLASSIFIED_SHOWN = 20
-
 
 def print_summary(setup, recipe, out):
     print(setup.summary)
@@ -145,7 +143,10 @@ def train(recipe, args, command, s, out, ckpt):
         return 130
     if ev is None:  # resumed from a run that had already finished: nothing was evaluated yet
         ev = evaluate_now(keep_predictions=True)
-    finish(out, state, schedule, len(s.train_loader), ev["predictions"].numpy(), s.test, s.ds.classes)
+    plot_training(out, state, schedule, len(s.train_loader))
+    report = write_error_report(out, s.ema.module if s.ema else model, s.test, ev["predictions"].numpy(),
+                                list(s.ds.classes), s.mean, s.std, tta=args.tta, tta_shift=args.tta_shift)
+    write_metrics(out, info, state, report)
     print(f"Best test accuracy {state['best_test_acc']:.2f}%, final {state['history'][-1]['test_acc']:.2f}%; "
           f"outputs in {out}")
     return 0
@@ -175,7 +176,9 @@ def run_many(recipe, args, command, given):
     return 0
 
 
-def write_metrics(out, info, state):
+def write_metrics(out, info, state, report=None):
+    """metrics.json and .csv; ``report`` (the final confusion matrix and per-class accuracy) joins
+    them once the run has ended."""
     history = state["history"]
     per_s = state["train_images"] / state["train_seconds"] if state["train_seconds"] > 0 else None
     timing = {"data_load_s": info["data_load_s"], "warmup_s": state["warmup_seconds"],
@@ -184,17 +187,14 @@ def write_metrics(out, info, state):
     write_json(out / "metrics.json", {**info, "command": commands[0], "resumed_with": commands[1:],
                                       "best_test_acc": state["best_test_acc"],
                                       "final_test_acc": history[-1]["test_acc"] if history else None,
-                                      "train_images_per_s": per_s, "timing": timing, "history": history})
+                                      "train_images_per_s": per_s, "timing": timing, **(report or {}),
+                                      "history": history})
     write_history_csv(out / "metrics.csv", history)
 
 
-def finish(out, state, schedule, steps_per_epoch, preds, test, classes):
-    """Figures users look at: curves, the schedule actually used, and what the final model gets wrong
-    (``preds``: its test predictions, kept from the last epoch's evaluation)."""
+def plot_training(out, state, schedule, steps_per_epoch):
+    """The curves, and the schedule the run actually used."""
     plots.plot_curves(state["history"], out / "curves.png")
     lrs, moms = trace(schedule, schedule.total_steps)
     label = "beta1" if schedule.use_beta1 else "momentum"
     plots.plot_lr_schedule(lrs, moms, steps_per_epoch, out / "lr_schedule.png", momentum_label=label)
-    wrong = np.flatnonzero(preds != test.labels)
-    wrong = wrong[np.linspace(0, len(wrong) - 1, min(len(wrong), MISCLASSIFIED_SHOWN)).astype(int)]  # spread over classes
-    plots.plot_misclassified(test.images[wrong], test.labels[wrong], preds[wrong], classes, out / "misclassified.png")

@@ -1,0 +1,90 @@
+"""A trained checkpoint pointed at image files: the model rebuilt as it trained, images read and
+prepared as the dataset's are, and the top-k classes with their probabilities."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .build import make_model
+from .checkpoint import load_checkpoint
+from .engine import tta_views
+from .errors import UserError
+from .loader import channel_tensor, normalize
+from .recipes import RECIPES
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SIZE = 32
+
+
+def load_trained(path, device="cpu"):
+    """(model, info) from a checkpoint: the model rebuilt from its flags (whitening basis, logit
+    scale and every model flag as trained) with the weights the run evaluated (the average, where
+    it kept one), in eval mode on ``device``; ``info`` holds ``classes`` (in label order), ``mean``
+    and ``std`` (the normalization it trained with), ``recipe`` (its name) and ``flags``."""
+    ckpt = load_checkpoint(path, purpose="evaluate")
+    recipe = RECIPES.get(ckpt["model_name"])
+    if recipe is None:
+        raise UserError(f"{path} holds a '{ckpt['model_name']}' model, which this version does not know")
+    device = torch.device(device)
+    classes = [str(c) for c in ckpt["classes"]]
+    model = make_model(recipe, ckpt["args"], classes, device)
+    try:
+        model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path} does not fit the '{recipe.name}' model of this version "
+                        f"({str(exc).splitlines()[0]})") from None
+    return model.eval(), {"classes": classes, "mean": list(ckpt["mean"]), "std": list(ckpt["std"]),
+                          "recipe": recipe.name, "flags": dict(ckpt["args"])}
+
+
+def image_files(paths):
+    """The image files that ``paths`` (files or folders, searched recursively) name, in order."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise UserError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            found += inside
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{path} does not exist: pass image files or folders of them")
+    return found
+
+
+def read_image(path):
+    """An image file as (3, 32, 32) uint8: converted to RGB, and resized with antialiasing when it
+    is not 32x32, so a CIFAR-sized file is used exactly as the dataset's loader decodes it."""
+    from PIL import Image  # lazy: training never needs it for the official batches
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (SIZE, SIZE):
+                im = im.resize((SIZE, SIZE), Image.Resampling.BICUBIC, reducing_gap=None)
+            return np.asarray(im).transpose(2, 0, 1).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"cannot read {path} as an image ({exc.__class__.__name__}: {exc})") from None
+
+
+def prepare(images, info, device):
+    """uint8 images (N, 3, 32, 32) normalized as the model trained."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return normalize(x, channel_tensor(info["mean"], device), channel_tensor(info["std"], device))
+
+
+@torch.no_grad()
+def predict(model, x, tta=False):
+    """Class probabilities (N, C) in fp32; ``tta`` averages the logits of each image and its
+    mirror image, as a run's evaluation with --tta does."""
+    views = tta_views(x, flip=tta)
+    return (sum(model(view).float() for view in views) / len(views)).softmax(1)
+
+
+def top_k(probs, classes, k):
+    """Per image, the ``k`` most probable classes as [{'class', 'prob'}], most probable first."""
+    values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [[{"class": classes[i], "prob": float(p)} for p, i in zip(row_p, row_i)]
+            for row_p, row_i in zip(values.tolist(), indices.tolist())]
