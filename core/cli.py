@@ -246,7 +246,6 @@ def flags_markdown(parsers):
     return "\n".join(lines)
 
 
-
 def top_k_count(text):
     value = whole_number(text)
     if not 1 <= value <= 10:

@@ -113,8 +113,8 @@ def run_predict(args):
     if args.gradcam:
         make_folder(args.gradcam)
         top = probs.argmax(1)
-        cams = torch.cat([grad_cam(model, x[i:i + args.batch_size], default_cam_layer(model), top[i:i + args.batch_size])
-                          for i in range(0, len(x), args.batch_size)])
+        layer, step = default_cam_layer(model), args.batch_size
+        cams = torch.cat([grad_cam(model, x[i:i + step], layer, top[i:i + step]) for i in range(0, len(x), step)])
         for i, path in enumerate(files):
             target = Path(args.gradcam) / f"{i:04d}-{path.stem}-gradcam.png"
             plots.plot_image_cam(images[i], cams[i].cpu().numpy(), f"{path.name}: {info['classes'][top[i]]} "

@@ -36,7 +36,8 @@ def evaluate_checkpoint(recipe, args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.recalibrate_bn:
-        bn_loader = bn_images(args, ds.train, len(classes), device, ckpt["mean"], ckpt["std"], ckpt["args"]["batch_size"])
+        bn_loader = bn_images(args, ds.train, len(classes), device, ckpt["mean"], ckpt["std"],
+                              ckpt["args"]["batch_size"])
         recalibrate_bn(model, bn_loader, device, amp_dtype)
     test = take(ds.test, args.test_subset, len(classes))
     loader = plain_batches(args, test, device, ckpt["mean"], ckpt["std"])

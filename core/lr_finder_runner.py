@@ -43,8 +43,8 @@ def resolve_lr_bounds(args, setup, out):
                              optimizer_name=args.optimizer, settings=plain_flags(args),
                              advice="give --lr-max and --lr-min instead, or read them off lr_range_test.py with a "
                                     "wider --start-lr/--end-lr and pass its lr_finder.json with --lr-from")
-        return LRBounds(record["lr_max"], record["lr_min"],
-                        f"range test: lr_max by {record['method']}, lr_min {record['lr_min_method']}; see lr_finder.png")
+        source = f"range test: lr_max by {record['method']}, lr_min {record['lr_min_method']}; see lr_finder.png"
+        return LRBounds(record["lr_max"], record["lr_min"], source)
     return LRBounds(args.lr_max, args.lr_min, "flags")
 
 

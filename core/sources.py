@@ -27,7 +27,6 @@ MAX_IMAGE_BYTES = 1 << 20
 MAX_BATCH_BYTES = 256 << 20
 
 
-
 @dataclass
 class Split:
     images: np.ndarray  # (N, 3, 32, 32) uint8

@@ -25,6 +25,7 @@ from .resume import merge_resume_flags, refuse_changed_flags, restore, rng_state
 from .run_folder import check_run_folder, claimed_run_folder, default_out, resume_command, run_folder
 from .schedule import one_cycle_for_recipe, trace
 
+
 def print_summary(setup, recipe, out):
     print(setup.summary)
     atomic_write_text(out / "summary.txt", setup.summary + "\n")

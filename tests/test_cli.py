@@ -32,11 +32,9 @@ def tiny(data, out, *extra):
             "--cache-dir", "none", "--no-progress", "--seed", "0", *extra]
 
 
-
 def training_figures(m):
     """Per epoch, what training alone decides: evaluation settings must leave these unchanged."""
     return [(h["train_loss"], h["train_acc"], h["lr"]) for h in m["history"]]
-
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ def minmax(maps):
 def bilinear(maps, size):
     """NumPy bilinear upsampling with half-pixel centres (align_corners=False)."""
     n, h, w = maps.shape
+
     def axis(out, inp):
         src = np.clip((np.arange(out) + 0.5) * inp / out - 0.5, 0, inp - 1)
         lo = np.floor(src).astype(int)

@@ -30,7 +30,6 @@ def tiny(data, out, *extra):
             "--cache-dir", "none", "--no-progress", "--seed", "0", *extra]
 
 
-
 def history(out):
     return [tuple(h[k] for k in HISTORY) for h in metrics(out)["history"]]
 

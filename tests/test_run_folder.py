@@ -32,8 +32,6 @@ def tiny(data, out, *extra, epochs=2):
             "--cache-dir", "none", "--no-progress", "--seed", "0", *extra]
 
 
-
-
 @pytest.fixture(scope="module")
 def finished(data, tmp_path_factory):
     """A 2-epoch run, left alone by the tests (they copy it)."""
