@@ -44,11 +44,11 @@ def merge_resume_flags(args, saved):
 
 
 def rng_state(order_gen, aug_gen):
-    state = {"torch": torch.get_rng_state(), "order": order_gen.get_state(), "aug": aug_gen.get_state(),
-             "aug_device": aug_gen.device.type}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """The generators a run draws from: torch's CPU one (initialization), the data order's and the
+    augmentation's. Not the default CUDA generators, which nothing in training draws from: saving
+    one state per visible GPU made a checkpoint from a machine with more GPUs fail to resume."""
+    return {"torch": torch.get_rng_state(), "order": order_gen.get_state(), "aug": aug_gen.get_state(),
+            "aug_device": aug_gen.device.type}
 
 
 def set_rng_state(state, order_gen, aug_gen, path):
@@ -66,9 +66,7 @@ def set_rng_state(state, order_gen, aug_gen, path):
     except RuntimeError:  # a state of another kind of generator
         raise UserError(refusal) from None
     torch.set_rng_state(state["torch"])
-    order_gen.set_state(state["order"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    order_gen.set_state(state["order"])  # an older checkpoint's "cuda" states are left unread (see rng_state)
 
 
 def restore(ckpt, setup, schedule, scaler, progress, path):

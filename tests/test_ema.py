@@ -56,3 +56,24 @@ def test_follows_an_exponential_average_and_leaves_the_live_model_alone():
 def test_decay_must_lie_strictly_inside_zero_and_one(decay):
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         WeightEMA(nn.Linear(2, 2), decay)
+
+
+def test_the_fused_update_is_the_per_tensor_lerp_bit_for_bit():
+    """update() lerps every floating-point tensor in one foreach call; the result must be what a
+    loop of lerp_ gives, so runs are unchanged by it."""
+    torch.manual_seed(3)
+    model = small_net()
+    ema = WeightEMA(model, decay=0.99)
+    expected = {k: v.clone() for k, v in ema.state_dict().items()}
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(4, 3, 8, 8))  # moves the BN statistics and step count
+        ema.update()
+        for name, live in model.state_dict().items():
+            if live.is_floating_point():
+                expected[name].lerp_(live, 1 - 0.99)
+            else:
+                expected[name].copy_(live)
+    assert all(torch.equal(expected[k], v) for k, v in ema.state_dict().items())

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_ultimus
 from core import lr_finder_runner, trainer
@@ -13,7 +14,7 @@ from core.checkpoint import load_checkpoint, save_checkpoint
 from core.cli import build_train_parser
 from core.flags import plain_flags
 from core.recipes import RECIPES
-from core.resume import RUN_PLACE_FLAGS, merge_resume_flags
+from core.resume import RUN_PLACE_FLAGS, merge_resume_flags, rng_state, set_rng_state
 from tests.conftest import ctrl_c_in_second_epoch, metrics, write_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +137,24 @@ def test_a_one_step_warm_up_trains(data, tmp_path):
     args = tiny(data, out, "--batch-size", "200", "--max-at-epoch", "1", "--lr-max", "0.003", "--lr-min", "0.0003")
     assert train_ultimus.main(args) == 0
     assert [h["lr"] for h in metrics(out)["history"]] == pytest.approx([0.003, 0.00165, 0.0003])
+
+
+def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(data, tmp_path, monkeypatch):
+    """Nothing in training draws from the default CUDA generators: their states (one per GPU)
+    are no longer saved, and an older checkpoint's are not restored, so the GPU count can differ."""
+    order, aug = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    with monkeypatch.context() as gpus:
+        gpus.setattr(torch.cuda, "is_available", lambda: True)
+        gpus.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved CUDA states"))
+        gpus.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored CUDA states"))
+        state = rng_state(order, aug)
+        state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # as an 8-GPU machine saved it
+        set_rng_state(state, order, aug, "last.pt")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_ultimus.main(tiny(data, straight)) == 0
+    interrupt_after_first_epoch(data, resumed, monkeypatch)
+    ckpt = load_checkpoint(resumed / "last.pt")
+    ckpt["rng"]["cuda"] = state["cuda"]
+    save_checkpoint(resumed / "last.pt", ckpt)
+    assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
+    assert history(resumed) == history(straight)
