@@ -12,6 +12,7 @@ from .engine import tta_views
 from .errors import UserError
 from .loader import channel_tensor, normalize
 from .recipes import RECIPES
+from .sources import rgb_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SIZE = 32
@@ -61,7 +62,7 @@ def read_image(path):
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = rgb_image(im)
             if im.size != (SIZE, SIZE):
                 im = im.resize((SIZE, SIZE), Image.Resampling.BICUBIC, reducing_gap=None)
             return np.asarray(im).transpose(2, 0, 1).copy()

@@ -43,16 +43,24 @@ class Dataset:
 # --------------------------------------------------------------------------- decoding
 
 
+def rgb_image(im):
+    """A PIL image as 8-bit RGB, the way the models see every image: the dataset's files and
+    predict.py's alike. 16-bit grayscale is scaled to 8 bits, where convert("RGB") would clip it
+    to white."""
+    from PIL import Image  # lazy: only image files need it
+
+    if im.mode.startswith("I"):
+        gray = (np.asarray(im, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return im.convert("RGB")
+
+
 def _decode_image(raw, name):
     from PIL import Image  # lazy: only image folders need it
 
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            if im.mode.startswith("I"):  # 16-bit grayscale: convert("RGB") would clip it to white
-                gray = (np.asarray(im, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)
-                arr = np.repeat(gray[:, :, None], 3, axis=2)
-            else:
-                arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray(rgb_image(im))
     except Exception as exc:  # PIL raises many types for a bad file
         raise UserError(f"cannot decode image {name}: {exc}") from None
     if arr.shape[:2] != (32, 32):

@@ -130,3 +130,14 @@ def test_eval_only_writes_the_report_too(runs, data, tmp_path):
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     assert np.asarray(evaluated["confusion"]).sum() == evaluated["total"]
     assert (tmp_path / "gradcam.png").exists() and (tmp_path / "confusion.png").exists()
+
+
+def test_predict_reads_a_16_bit_png_as_the_dataset_loader_does(tmp_path):
+    """Both go through one conversion: a 16-bit image is scaled to 8 bits, not clipped to white."""
+    from core.sources import _decode_image
+
+    deep = tmp_path / "deep.png"
+    Image.fromarray((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)).save(deep)
+    read = read_image(deep)
+    assert np.array_equal(read, _decode_image(deep.read_bytes(), "deep.png"))
+    assert read.max() == (1023 * 64) >> 8
