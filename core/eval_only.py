@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from .build import bn_images, load_data, make_model, pick_runtime, plain_batches, take
-from .checkpoint import load_checkpoint
+from .build import bn_images, load_data, pick_runtime, plain_batches, take
 from .engine import evaluate, format_test_line, recalibrate_bn
 from .errors import UserError
+from .inference import load_trained
 from .outputs import check_folder, make_folder, write_json
 from .report import write_error_report
 
@@ -17,37 +17,33 @@ def evaluate_checkpoint(recipe, args):
     """The model is rebuilt from the checkpoint's own flags, and normalized with the training
     statistics it saved, so a test split alone is enough (except for --recalibrate-bn). Without
     --data the checkpoint's own data is read, as a resume would."""
-    ckpt = load_checkpoint(args.resume, recipe.name, purpose="evaluate")
     out = Path(args.out) if args.out else Path(args.resume).parent
-    check_folder(out)
     device, amp_dtype = pick_runtime(args)
-    data = args.data or ckpt["args"].get("data")
+    model, info = load_trained(args.resume, device, recipe.name)  # what the run itself evaluated
+    check_folder(out)
+    data = args.data or info["flags"].get("data")
     ds = load_data(args, need_train=False, data=data)
     if args.recalibrate_bn and ds.train is None:
         raise UserError(f"--recalibrate-bn needs training images and {data} holds only a test split: "
                         f"drop the flag or point --data at the whole dataset")
-    classes = list(ckpt["classes"])
+    classes, mean, std = info["classes"], info["mean"], info["std"]
     if list(ds.classes) != classes:
         raise UserError(f"the checkpoint's {len(classes)} classes ({', '.join(classes)}) are not those of "
                         f"{data or './data'} ({', '.join(ds.classes)}): evaluate it on data with its classes")
-    model = make_model(recipe, ckpt["args"], classes, device)
-    weights = "ema" if ckpt.get("ema") is not None else "model"  # what the run itself evaluated
-    model.load_state_dict(ckpt[weights])
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.recalibrate_bn:
-        bn_loader = bn_images(args, ds.train, len(classes), device, ckpt["mean"], ckpt["std"],
-                              ckpt["args"]["batch_size"])
+        bn_loader = bn_images(args, ds.train, len(classes), device, mean, std, info["flags"]["batch_size"])
         recalibrate_bn(model, bn_loader, device, amp_dtype)
     test = take(ds.test, args.test_subset, len(classes))
-    loader = plain_batches(args, test, device, ckpt["mean"], ckpt["std"])
+    loader = plain_batches(args, test, device, mean, std)
     result = evaluate(model, loader, device, amp_dtype, keep_predictions=True, tta=args.tta, tta_shift=args.tta_shift)
     print(format_test_line(result))
     make_folder(out)
-    report = write_error_report(out, model, test, result["predictions"].numpy(), classes, ckpt["mean"], ckpt["std"],
+    report = write_error_report(out, model, test, result["predictions"].numpy(), classes, mean, std,
                                 tta=args.tta, tta_shift=args.tta_shift)
     write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": data, "test_acc": result["acc"],
                                    "test_loss": result["loss"], "correct": result["correct"], "total": result["total"],
-                                   "tta": args.tta, "tta_shift": args.tta_shift, "weights": weights,
+                                   "tta": args.tta, "tta_shift": args.tta_shift, "weights": info["weights"],
                                    "recalibrate_bn": args.recalibrate_bn, **report})
     return 0

@@ -18,25 +18,27 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 SIZE = 32
 
 
-def load_trained(path, device="cpu"):
+def load_trained(path, device="cpu", model_name=None):
     """(model, info) from a checkpoint: the model rebuilt from its flags (whitening basis, logit
     scale and every model flag as trained) with the weights the run evaluated (the average, where
     it kept one), in eval mode on ``device``; ``info`` holds ``classes`` (in label order), ``mean``
-    and ``std`` (the normalization it trained with), ``recipe`` (its name) and ``flags``."""
-    ckpt = load_checkpoint(path, purpose="evaluate")
+    and ``std`` (the normalization it trained with), ``recipe`` (its name), ``flags`` and
+    ``weights`` ('ema' or 'model'). ``model_name`` refuses a checkpoint of another model."""
+    ckpt = load_checkpoint(path, model_name, purpose="evaluate")
     recipe = RECIPES.get(ckpt["model_name"])
     if recipe is None:
         raise UserError(f"{path} holds a '{ckpt['model_name']}' model, which this version does not know")
     device = torch.device(device)
     classes = [str(c) for c in ckpt["classes"]]
     model = make_model(recipe, ckpt["args"], classes, device)
+    weights = "ema" if ckpt.get("ema") is not None else "model"
     try:
-        model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+        model.load_state_dict(ckpt[weights])
     except RuntimeError as exc:
         raise UserError(f"{path} does not fit the '{recipe.name}' model of this version "
                         f"({str(exc).splitlines()[0]})") from None
     return model.eval(), {"classes": classes, "mean": list(ckpt["mean"]), "std": list(ckpt["std"]),
-                          "recipe": recipe.name, "flags": dict(ckpt["args"])}
+                          "recipe": recipe.name, "flags": dict(ckpt["args"]), "weights": weights}
 
 
 def image_files(paths):
