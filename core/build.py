@@ -6,6 +6,7 @@ import functools
 import platform
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +53,20 @@ def take(split, n, num_classes):
     return Split(split.images[idx], split.labels[idx])
 
 
+def hold_out(split, n, num_classes):
+    """``split`` as (training, validation): the fixed class-balanced first ``n`` images of it are
+    the validation set (None for 0), the rest trains. The choice depends on ``n`` and the data
+    alone, so every seed and every recipe is compared on the same held-out images."""
+    if not n:
+        return split, None
+    if n >= len(split.labels):
+        raise UserError(f"--val-split {n} leaves no training images out of {len(split.labels)}: lower it or "
+                        f"enlarge --train-subset")
+    held = np.zeros(len(split.labels), dtype=bool)
+    held[balanced_subset(split.labels, n, num_classes)] = True
+    return Split(split.images[~held], split.labels[~held]), Split(split.images[held], split.labels[held])
+
+
 def make_model(recipe, flags, classes, device):
     """The recipe's model for ``flags`` (a dict: the parsed flags, or a checkpoint's) with one
     output per class, on ``device``."""
@@ -74,11 +89,17 @@ def param_groups(model, weight_decay, bias_lr_scale=1.0):
              "lr_scale": bias_lr_scale}]
 
 
+# --optimizer's choices: Adam adds the weight decay to the gradient (L2), AdamW to the step
+# (decoupled, so it does not pass through Adam's per-parameter scaling).
+OPTIMIZERS = {"sgd": "SGD with Nesterov momentum 0.9", "adam": "Adam (weight decay as L2)",
+              "adamw": "AdamW (decoupled weight decay)"}
+
+
 def make_optimizer(name, model, lr, weight_decay, bias_lr_scale=1.0):
     groups = param_groups(model, weight_decay, bias_lr_scale)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
-    return torch.optim.Adam(groups, lr=lr)
+    return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(groups, lr=lr)
 
 
 def plain_batches(args, split, device, mean, std, batch_size=None):
@@ -107,7 +128,8 @@ class Setup:
         start = time.perf_counter()
         self.ds = load_data(args, need_train=True)
         self.data_load_s = time.perf_counter() - start
-        self.train = take(self.ds.train, args.train_subset, len(self.ds.classes))
+        self.train, self.val = hold_out(take(self.ds.train, args.train_subset, len(self.ds.classes)),
+                                        args.val_split, len(self.ds.classes))
         self.test = take(self.ds.test, args.test_subset, len(self.ds.classes))
         if len(self.train.labels) < args.batch_size:
             raise UserError(f"--batch-size {args.batch_size} exceeds the {len(self.train.labels)} training images: "
@@ -130,6 +152,9 @@ class Setup:
         # After the layout change, which makes new tensors: the average follows these ones.
         self.ema = WeightEMA(self.model, args.ema_decay) if args.ema_decay else None
         self.test_loader = plain_batches(args, self.test, self.device, self.mean, self.std)
+        self.val_loader = None
+        if self.val is not None:
+            self.val_loader = plain_batches(args, self.val, self.device, self.mean, self.std)
         # The LR here is a placeholder: the schedule (or the range test) sets it every step.
         self.optimizer = make_optimizer(args.optimizer, self.model, 0.0, args.weight_decay,
                                         args.bias_lr_scale)

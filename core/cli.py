@@ -6,6 +6,7 @@ What each script does with its parsed flags is ``core.commands``."""
 import argparse
 import sys
 
+from .build import OPTIMIZERS
 from .errors import UserError
 from .flags import (at_least_two, below_one, lr_or_find, non_negative_float, non_negative_int, positive_float,
                     positive_int, seed_value, whole_number)
@@ -62,6 +63,10 @@ def add_data_args(p):
                    help="train on a fixed class-balanced selection of the first N images")
     g.add_argument("--test-subset", type=positive_int, default=None, metavar="N",
                    help="evaluate on a fixed class-balanced selection of the first N test images")
+    g.add_argument("--val-split", type=non_negative_int, default=0, metavar="N",
+                   help="hold N class-balanced training images (after --train-subset) out as a validation set that "
+                        "is never trained on, the same for every seed; best.pt is then chosen by validation accuracy "
+                        "(default: 0, none)")
 
 
 def add_device_args(p):
@@ -101,7 +106,7 @@ def build_train_parser(recipe):
                    help="take --lr-max and --lr-min from a saved lr_finder.json")
     g.add_argument("--max-at-epoch", type=positive_float, default=None,
                    help="epoch at which the LR peaks (default: 5, or 5/24 of --epochs when that is fewer)")
-    g.add_argument("--optimizer", choices=["sgd", "adam"], help="SGD with Nesterov momentum, or Adam")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), help="; ".join(f"{k}: {v}" for k, v in OPTIMIZERS.items()))
     g.add_argument("--cycle-momentum", action=argparse.BooleanOptionalAction,
                    help="run the momentum (Adam: beta1) 0.95 -> 0.85 -> 0.95 against the LR; "
                         "--no-cycle-momentum keeps it at 0.9")
@@ -186,7 +191,7 @@ def build_range_test_parser():
     add_data_args(p)
     g = p.add_argument_group("range test")
     g.add_argument("--batch-size", type=positive_int, default=None, help="default: the train script's")
-    g.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="default: the train script's")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None, help="default: the train script's")
     g.add_argument("--weight-decay", type=non_negative_float, default=None, help="default: the train script's")
     g.add_argument("--start-lr", type=positive_float, default=1e-5, help="the LR of the sweep's first step")
     g.add_argument("--end-lr", type=positive_float, default=10.0, help="the LR of its last step")
@@ -196,7 +201,9 @@ def build_range_test_parser():
     g.add_argument("--method", choices=METHODS, default=None,
                    help="how lr_max is read off the curve (default: min_div_2 for SGD, conservative for Adam; "
                         "see docs/lr_finder.md)")
-    g.add_argument("--val", action="store_true", help="record the test split's loss after each step instead")
+    g.add_argument("--val", action="store_true",
+                   help="record the test split's loss after each step instead; with --val-split the held-out "
+                        "split's loss is recorded, --val or not")
     add_device_args(p)
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/lr-find-<model>-<timestamp>)")
     p.add_argument("--plot-schedules", action="store_true",

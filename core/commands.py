@@ -58,7 +58,8 @@ def run_range_test(args):
     record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
                          start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
                          optimizer_name=train_args.optimizer, method=args.method,
-                         val_loader=s.test_loader if args.val else None, settings=plain_flags(args),
+                         val_loader=s.val_loader if s.val_loader is not None else s.test_loader if args.val else None,
+                         settings=plain_flags(args),
                          advice="widen --start-lr/--end-lr or raise --num-iter")
     steps = len(record["lrs"])
     stop = f", stopped at step {record['diverged_at']} as the loss diverged" if record["diverged_at"] is not None else ""
@@ -75,6 +76,8 @@ def run_range_test(args):
         command += ["--data", args.data]
     if args.train_subset:
         command += ["--train-subset", str(args.train_subset)]
+    if args.val_split:
+        command += ["--val-split", str(args.val_split)]
     print("Train with:\n  " + shlex.join(command))
     print(f"(or: {shlex.join(['python', recipe.script, '--lr-from', str(out / 'lr_finder.json')])})")
     print(f"Wrote {out / 'lr_finder.json'} and {out / 'lr_finder.png'}")

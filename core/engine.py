@@ -135,9 +135,9 @@ def recalibrate_bn(model, loader, device, amp_dtype):
         update_bn(loader, model)
 
 
-def format_test_line(result):
-    """The line users know from the assignments' logs."""
-    return (f"Test set: Average loss: {result['loss']:.4f}, "
+def format_test_line(result, split="Test"):
+    """The line users know from the assignments' logs (``split`` "Validation" for the held-out one)."""
+    return (f"{split} set: Average loss: {result['loss']:.4f}, "
             f"Accuracy: {result['correct']}/{result['total']} ({result['acc']:.2f}%)")
 
 

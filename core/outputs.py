@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .errors import UserError
 
-HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s"]
+HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+                  "epoch_time_s"]
 LOCK_NAME = ".lock"
 _TEMP_FILE = re.compile(r"\.tmp(\d+)(\.png|\.npz)?$")  # what temp_path names, with a figure's or cache's suffix
 

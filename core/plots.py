@@ -34,17 +34,20 @@ def _save(fig, path):
 
 
 def plot_curves(history, path):
-    """Train and test loss and accuracy per epoch."""
+    """Train, validation (where the run holds one) and test loss and accuracy per epoch."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    tested = [h for h in history if h["test_acc"] is not None]  # --eval-every skips epochs
-    tested_epochs = [h["epoch"] for h in tested]
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(tested_epochs, [h["test_loss"] for h in tested], "o-", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
-    ax_acc.plot(tested_epochs, [h["test_acc"] for h in tested], "o-", label="test")
+    for split in ("val", "test"):
+        # --eval-every skips epochs; runs without a validation split, and older runs, have none
+        scored = [h for h in history if h.get(f"{split}_acc") is not None]
+        if scored:
+            scored_epochs = [h["epoch"] for h in scored]
+            ax_loss.plot(scored_epochs, [h[f"{split}_loss"] for h in scored], "o-", label=split)
+            ax_acc.plot(scored_epochs, [h[f"{split}_acc"] for h in scored], "o-", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):
         ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers

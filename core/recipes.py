@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from .augment import coarse_dropout, cutout, hflip, random_crop, shift_scale_rotate, to_gray
 from .flags import non_negative_float, non_negative_int, positive_float, positive_int
+from .models.ultimus import INITS
 from .receptive_field import format_rf_table, receptive_field_table
 
 # Each pipeline is called as pipeline(x, generator, mean, std, flip) on a batch normalized with
@@ -28,9 +29,11 @@ def resnet_augment(x, generator=None, mean=None, std=None, flip=True, cutout_siz
     return cutout(x, size=cutout_size, p=1.0, fill=0, generator=generator) if cutout_size else x
 
 
-def flip_crop_augment(x, generator=None, mean=None, std=None, flip=True):
-    """Random crop with reflect padding 4 and a horizontal flip: light augmentation for small nets."""
-    x = random_crop(x, padding=4, mode="reflect", generator=generator)
+def flip_crop_augment(x, generator=None, mean=None, std=None, flip=True, crop_padding=4):
+    """Random crop with reflect padding ``crop_padding`` (0: no crop) and a horizontal flip: light
+    augmentation for small nets."""
+    if crop_padding:
+        x = random_crop(x, padding=crop_padding, mode="reflect", generator=generator)
     return hflip(x, p=0.5, generator=generator) if flip else x
 
 
@@ -142,6 +145,13 @@ RECIPES = {
         model_flags=(
             ("--residual", dict(action="store_true",
                                 help="variant: a skip connection around each Ultimus block (default: exact architecture)")),
+            ("--init", dict(choices=INITS, default="torch",
+                            help="how the conv and linear weights are drawn: PyTorch's default, or He, Glorot or "
+                                 "orthogonal with the gain of what follows (ReLU after the convs), zero biases")),
+        ),
+        augment_flags=(
+            ("--crop-padding", dict(type=int, choices=range(9), default=4, metavar="PIXELS",
+                                    help="reflect padding of the random crop (0-8; 0: no crop, flips only)")),
         ),
     ),
 }

@@ -66,8 +66,12 @@ def train(recipe, args, command, s, out, ckpt):
                                     peak_epoch(args), cycle_momentum=args.cycle_momentum)
     scaler = make_scaler(device, amp_dtype)
     # Seconds are summed over the processes of a resumed run; each process has its own warm-up.
-    state = {"epoch": 0, "history": [], "best_test_acc": 0.0, "train_seconds": 0.0, "train_images": 0,
-             "warmup_seconds": 0.0, "eval_seconds": 0.0, "commands": []}
+    # best_*: the epoch with the highest validation accuracy where the run holds a validation
+    # split, else the highest test accuracy (``best_by``).
+    best_by = "val_acc" if s.val_loader is not None else "test_acc"
+    state = {"epoch": 0, "history": [], "best_test_acc": 0.0, "best_val_acc": 0.0 if best_by == "val_acc" else None,
+             "best_epoch": None, "train_seconds": 0.0, "train_images": 0, "warmup_seconds": 0.0, "eval_seconds": 0.0,
+             "commands": []}
 
     def checkpoint():
         return {"model_name": recipe.name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -90,19 +94,25 @@ def train(recipe, args, command, s, out, ckpt):
         bn_loader = bn_images(args, s.train, len(s.ds.classes), device, s.mean, s.std, args.batch_size)
 
     def evaluate_now(keep_predictions):
+        """The test split's figures, and the validation split's (None without one)."""
         if bn_loader is not None:  # on the plain module: a compiled one would recompile for the switch
             recalibrate_bn(s.ema.module if s.ema else model, bn_loader, device, amp_dtype)
+        val = None
+        if s.val_loader is not None:
+            val = evaluate(eval_model, s.val_loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift)
         return evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=keep_predictions,
-                        tta=args.tta, tta_shift=args.tta_shift)
+                        tta=args.tta, tta_shift=args.tta_shift), val
 
     info = {"model": recipe.name, "flags": plain_flags(args), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
             "lr_source": bounds.source, "peak_epoch": peak_epoch(args), "params": s.params,
             "device": describe_device(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-            "train_images": len(s.train.labels), "test_images": len(s.test.labels), "data_load_s": s.data_load_s}
-    print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / "
+            "train_images": len(s.train.labels), "val_images": len(s.val.labels) if s.val is not None else 0,
+            "test_images": len(s.test.labels), "best_by": best_by, "data_load_s": s.data_load_s}
+    held = f"{info['val_images']} validation / " if s.val is not None else ""
+    print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / {held}"
           f"{info['test_images']} test images, output in {out}")
     first_epoch = state["epoch"] + 1  # of this process: its first step warms up (and compiles)
-    ev = None
+    ev = val = None
     try:
         for epoch in range(first_epoch, args.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
@@ -114,8 +124,10 @@ def train(recipe, args, command, s, out, ckpt):
             evaluated = epoch % args.eval_every == 0 or epoch == args.epochs
             if evaluated:
                 eval_start = time.perf_counter()
-                ev = evaluate_now(keep_predictions=epoch == args.epochs)
+                ev, val = evaluate_now(keep_predictions=epoch == args.epochs)
                 state["eval_seconds"] += time.perf_counter() - eval_start
+                if val is not None:
+                    print(format_test_line(val, "Validation"))
                 print(format_test_line(ev))
             if args.no_progress or not sys.stderr.isatty():
                 print(f"  train: loss {tr['loss']:.4f}, accuracy {tr['acc']:.2f}%, {tr['seconds']:.1f}s")
@@ -124,13 +136,16 @@ def train(recipe, args, command, s, out, ckpt):
             state["train_seconds"] += tr["seconds"] - warmup
             state["train_images"] += tr["images"] - (args.batch_size if epoch == first_epoch else 0)
             state["history"].append({"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
+                                     "val_loss": val["loss"] if evaluated and val is not None else None,
+                                     "val_acc": val["acc"] if evaluated and val is not None else None,
                                      "test_loss": ev["loss"] if evaluated else None,
                                      "test_acc": ev["acc"] if evaluated else None,
                                      "epoch_time_s": time.perf_counter() - epoch_start})
             state["epoch"] = epoch
-            is_best = evaluated and ev["acc"] > state["best_test_acc"]
+            is_best = evaluated and (val or ev)["acc"] > state["best_" + best_by]
             if is_best:
-                state["best_test_acc"] = ev["acc"]
+                state.update(best_test_acc=ev["acc"], best_val_acc=val["acc"] if val is not None else None,
+                             best_epoch=epoch)
             if is_best:  # first: a kill between the two writes leaves best.pt no older than last.pt
                 save_checkpoint(out / "best.pt", checkpoint())
             save_checkpoint(out / "last.pt", checkpoint())
@@ -143,12 +158,13 @@ def train(recipe, args, command, s, out, ckpt):
               f"progress is lost); resume with:\n  {resume_command(recipe.script, out / 'last.pt')}", file=sys.stderr)
         return 130
     if ev is None:  # resumed from a run that had already finished: nothing was evaluated yet
-        ev = evaluate_now(keep_predictions=True)
+        ev, _ = evaluate_now(keep_predictions=True)
     plot_training(out, state, schedule, len(s.train_loader))
     report = write_error_report(out, s.ema.module if s.ema else model, s.test, ev["predictions"].numpy(),
                                 list(s.ds.classes), s.mean, s.std, tta=args.tta, tta_shift=args.tta_shift)
     write_metrics(out, info, state, report)
-    print(f"Best test accuracy {state['best_test_acc']:.2f}%, final {state['history'][-1]['test_acc']:.2f}%; "
+    chosen = f" (epoch {state['best_epoch']}, validation {state['best_val_acc']:.2f}%)" if s.val is not None else ""
+    print(f"Best test accuracy {state['best_test_acc']:.2f}%{chosen}, final {state['history'][-1]['test_acc']:.2f}%; "
           f"outputs in {out}")
     return 0
 
@@ -156,7 +172,7 @@ def train(recipe, args, command, s, out, ckpt):
 def run_many(recipe, args, command, given):
     """--runs N: N independent runs with consecutive seeds, and the spread of their accuracy."""
     base = Path(args.out) if args.out else default_out(recipe)
-    finals, bests = [], []
+    finals, bests, final_vals = [], [], []
     for i in range(args.runs):
         run_args = type(args)(**{**vars(args), "runs": 1, "seed": args.seed + i, "out": str(base / f"seed{args.seed + i}")})
         print(f"=== run {i + 1}/{args.runs}, seed {run_args.seed} ===")
@@ -167,14 +183,25 @@ def run_many(recipe, args, command, given):
             m = json.load(f)
         finals.append(m["final_test_acc"])
         bests.append(m["best_test_acc"])
-    a = np.asarray(finals)
+        final_vals.append(m.get("final_val_acc"))
     summary = {"runs": args.runs, "seeds": list(range(args.seed, args.seed + args.runs)), "final_test_acc": finals,
-               "best_test_acc": bests, "mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-               "min": float(a.min()), "max": float(a.max())}
+               "best_test_acc": bests, **spread(finals)}
+    if args.val_split:
+        summary["final_val_acc"] = final_vals
+        summary["val"] = spread(final_vals)
+        print(f"Final validation accuracy over {args.runs} runs: {summary['val']['mean']:.2f} ± "
+              f"{summary['val']['std']:.2f}%")
     write_json(base / "runs.json", summary)
     print(f"Final test accuracy over {args.runs} runs: {summary['mean']:.2f} ± {summary['std']:.2f}% "
           f"(min {summary['min']:.2f}, max {summary['max']:.2f}); {base / 'runs.json'}")
     return 0
+
+
+def spread(values):
+    """Mean, sample std, min and max of the runs' accuracies."""
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max())}
 
 
 def write_metrics(out, info, state, report=None):
@@ -186,7 +213,9 @@ def write_metrics(out, info, state, report=None):
               "train_s": state["train_seconds"], "eval_s": state["eval_seconds"]}
     commands = state["commands"]
     write_json(out / "metrics.json", {**info, "command": commands[0], "resumed_with": commands[1:],
+                                      "best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"],
                                       "best_test_acc": state["best_test_acc"],
+                                      "final_val_acc": history[-1]["val_acc"] if history else None,
                                       "final_test_acc": history[-1]["test_acc"] if history else None,
                                       "train_images_per_s": per_s, "timing": timing, **(report or {}),
                                       "history": history})

@@ -144,3 +144,12 @@ def test_recipes_without_their_flip_draw_no_mirror_images(recipe):
 
     assert bool(rising(recipe(ramp, g, **stats, flip=False)).all())
     assert 0.3 < rising(recipe(ramp, g, **stats)).float().mean().item() < 0.7
+
+
+def test_flip_crop_without_crop_padding_only_mirrors():
+    x = torch.randn(64, 3, 32, 32)
+    out = flip_crop_augment(x, torch.Generator().manual_seed(0), crop_padding=0)
+    same, mirrored = (out == x).flatten(1).all(1), (out == x.flip(3)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 10 < int(mirrored.sum()) < 54
+    shifted = flip_crop_augment(x, torch.Generator().manual_seed(0), crop_padding=4)
+    assert not bool(((shifted == x) | (shifted == x.flip(3))).flatten(1).all(1).all())

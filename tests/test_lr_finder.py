@@ -463,3 +463,12 @@ def test_each_param_group_sweeps_at_its_lr_scale():
                         device=CPU)
     assert [lrs[0] for lrs in seen] == result.lrs
     assert [lrs[1] for lrs in seen] == pytest.approx([64 * lr for lr in result.lrs], rel=1e-12)
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_each_optimizer_choice_builds_its_torch_optimizer_with_the_weight_decay(name, cls):
+    from core.build import make_optimizer as trainer_optimizer
+
+    opt = trainer_optimizer(name, TinyNet(), 0.0, 5e-4)
+    assert type(opt) is cls and opt.param_groups[0]["weight_decay"] == 5e-4
+    assert suggest_bounds([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 3.0], name)["lr_max"] > 0

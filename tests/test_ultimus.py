@@ -165,3 +165,57 @@ def test_backward(residual):
     loss = nn.functional.cross_entropy(model(torch.randn(3, 3, 32, 32)), torch.tensor([0, 1, 2]))
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("init", ["kaiming", "xavier", "orthogonal"])
+def test_each_init_redraws_every_weight_with_the_gain_of_what_follows(init):
+    torch.manual_seed(0)
+    default = UltimusNet()
+    torch.manual_seed(0)
+    model = UltimusNet(init=init)
+    assert n_params(model) == 25_786
+    for (name, p), (_, q) in zip(model.named_parameters(), default.named_parameters()):
+        if name.endswith("bias"):
+            assert not p.any(), name
+            continue
+        assert not torch.equal(p, q), name
+        fan_in = p[0].numel()
+        gain = math.sqrt(2) if p.dim() == 4 else 1.0  # the convs feed a ReLU
+        # He's std is gain / sqrt(fan_in); Glorot's and the orthogonal rows' depend on both fans
+        if init == "kaiming":
+            assert p.std().item() == pytest.approx(gain / math.sqrt(fan_in), rel=0.25), name
+        elif init == "orthogonal":
+            rows = p.flatten(1)
+            small = rows @ rows.T if rows.shape[0] <= rows.shape[1] else rows.T @ rows
+            assert torch.allclose(small, gain ** 2 * torch.eye(len(small)), atol=1e-4), name
+        else:
+            fan_out = p.shape[0] * p[0, 0].numel()
+            assert p.std().item() == pytest.approx(gain * math.sqrt(2 / (fan_in + fan_out)), rel=0.25), name
+
+
+def test_the_default_init_is_pytorchs_own_draw():
+    torch.manual_seed(3)
+    a = UltimusNet()
+    torch.manual_seed(3)
+    b = UltimusNet(init="torch")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_he_init_passes_far_more_of_the_per_image_signal_through_the_blocks():
+    """Why --init exists: the net has no normalization, and with PyTorch's default draw the
+    images' differences (the spread of the GAP features across a batch) shrink by orders of
+    magnitude on their way through the four blocks; He's draw keeps far more of them."""
+    x = torch.randn(256, 3, 32, 32)
+
+    def kept(init, seed):
+        torch.manual_seed(seed)
+        model = UltimusNet(init=init)
+        with torch.no_grad():
+            h = model.features(x)
+            start = h.std(0).mean()
+            for block in model.blocks:
+                h = block(h)
+        return (h.std(0).mean() / start).item()
+
+    for seed in range(3):
+        assert kept("kaiming", seed) > 10 * kept("torch", seed)

@@ -18,7 +18,7 @@ column-stochastic (AM[n].T is row-stochastic). Softmax over j instead would make
 to 1 but the weights that multiply v would not, so Z would not be a convex combination.
 
 ``residual=True`` wraps each block as x + block(x); the default (False) is the exact
-architecture. Submodules are registered, and run, in the order of the assignment's torchsummary
+architecture. ``init`` picks how the weights are drawn (``init_weights``). Submodules are registered, and run, in the order of the assignment's torchsummary
 table (Conv2d x3, AvgPool2d, then per block Linear K, Q, V, Linear out, UltimusBlock, then the
 final Linear); ReLU and flatten are functional so they add no rows.
 """
@@ -51,8 +51,33 @@ class UltimusBlock(nn.Module):
         return self.out(z)
 
 
+INITS = ("torch", "kaiming", "xavier", "orthogonal")
+
+
+def init_weights(model, init):
+    """Re-draw every conv and linear weight by ``init`` and zero the biases; "torch" keeps
+    PyTorch's default draw. The net has no normalization, and PyTorch's default (uniform with
+    variance 1/(3 fan_in)) shrinks the signal about three-fold in each of the four blocks' two
+    linears, so the scheme sets how much of it reaches the classifier at the start."""
+    if init == "torch":
+        return
+    for m in model.modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        followed_by_relu = isinstance(m, nn.Conv2d)  # the convs feed a ReLU, the linears nothing
+        gain = nn.init.calculate_gain("relu" if followed_by_relu else "linear")
+        if init == "kaiming":
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu" if followed_by_relu else "linear")
+        elif init == "xavier":
+            nn.init.xavier_normal_(m.weight, gain=gain)
+        else:
+            nn.init.orthogonal_(m.weight, gain=gain)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 class UltimusNet(nn.Module):
-    def __init__(self, num_classes=10, residual=False, num_blocks=4):
+    def __init__(self, num_classes=10, residual=False, num_blocks=4, init="torch"):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, kernel_size=3)
         self.conv2 = nn.Conv2d(16, 32, kernel_size=3)
@@ -61,6 +86,7 @@ class UltimusNet(nn.Module):
         self.blocks = nn.ModuleList(UltimusBlock(48, 8) for _ in range(num_blocks))
         self.fc = nn.Linear(48, num_classes)
         self.residual = residual
+        init_weights(self, init)
 
     def features(self, x):
         """The 48 GAP features of a (N, 3, 32, 32) batch."""

@@ -1,0 +1,120 @@
+"""--val-split: a class-balanced held-out part of the training split, scored every epoch, that
+chooses best.pt; the same images for every seed; never trained on."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lr_range_test
+import train_ultimus
+from core.build import Setup, hold_out
+from core.checkpoint import load_checkpoint
+from core.cli import build_train_parser
+from core.data import Split
+from core.recipes import RECIPES
+from tests.conftest import ctrl_c_in_second_epoch, metrics, one_error_line, write_batches
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=300, n_test=60)
+
+
+def tiny(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--epochs", "4", "--batch-size", "50", "--max-at-epoch", "1",
+            "--lr-max", "0.01", "--lr-min", "0.001", "--device", "cpu", "--cache-dir", "none", "--no-progress",
+            "--seed", "0", *extra]
+
+
+def test_hold_out_splits_the_images_into_two_disjoint_class_balanced_parts():
+    labels = np.random.default_rng(0).integers(0, 10, 400)
+    images = np.arange(400).reshape(400, 1, 1, 1).repeat(3, 1)  # each image carries its index
+    train, val = hold_out(Split(images, labels), 57, 10)
+    held, kept = val.images[:, 0, 0, 0], train.images[:, 0, 0, 0]
+    assert len(held) == 57 and len(kept) == 343 and not set(held) & set(kept)
+    assert sorted([*held, *kept]) == list(range(400))
+    counts = np.bincount(val.labels, minlength=10)
+    assert counts.max() - counts.min() <= 1
+    # the first images of each class, in dataset order: the same for every caller
+    for c in range(10):
+        assert set(held[val.labels == c]) == set(np.flatnonzero(labels == c)[:counts[c]])
+    assert hold_out(Split(images, labels), 0, 10) == (Split(images, labels), None)
+
+
+def setup_for(data, *extra):
+    args = build_train_parser(RECIPES["ultimus"]).parse_args(tiny(data, "unused", *extra))
+    return Setup(RECIPES["ultimus"], args)
+
+
+def test_the_held_out_images_are_the_same_for_every_seed_and_never_in_a_training_batch(data):
+    a, b = setup_for(data, "--val-split", "60"), setup_for(data, "--val-split", "60", "--seed", "7")
+    assert torch.equal(torch.as_tensor(a.val.images), torch.as_tensor(b.val.images))
+    held = {img.tobytes() for img in a.val.images}
+    assert len(a.train.labels) == 240 and not held & {img.tobytes() for img in a.train.images}
+    seen = {img.tobytes() for img in a.train_loader.images.cpu().numpy()}
+    assert not held & seen
+    # the channel statistics come from the images that train, not the held-out ones
+    plain = setup_for(data)
+    assert a.mean != plain.mean
+
+
+def test_a_run_scores_the_validation_split_every_epoch_and_chooses_best_by_it(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_ultimus.main(tiny(data, out, "--val-split", "60")) == 0
+    m = metrics(out)
+    assert m["train_images"] == 240 and m["val_images"] == 60 and m["best_by"] == "val_acc"
+    assert all(h["val_acc"] is not None and h["val_loss"] > 0 for h in m["history"])
+    best = max(m["history"], key=lambda h: h["val_acc"])  # the first of equals, as a strict > keeps
+    assert m["best_epoch"] == best["epoch"] and m["best_val_acc"] == best["val_acc"]
+    assert m["best_test_acc"] == best["test_acc"] and m["final_val_acc"] == m["history"][-1]["val_acc"]
+    assert load_checkpoint(out / "best.pt", "ultimus", purpose="resume")["epoch"] == best["epoch"]
+    assert "val_acc" in (out / "metrics.csv").read_text().splitlines()[0]
+    assert capsys.readouterr().out.count("Validation set: Average loss") == 4
+
+
+def test_without_a_validation_split_best_is_chosen_by_the_test_split(data, tmp_path):
+    out = tmp_path / "run"
+    assert train_ultimus.main(tiny(data, out)) == 0
+    m = metrics(out)
+    assert m["best_by"] == "test_acc" and m["val_images"] == 0 and m["best_val_acc"] is None
+    assert all(h["val_acc"] is None for h in m["history"])
+    assert m["best_test_acc"] == max(h["test_acc"] for h in m["history"])
+
+
+def test_a_resumed_run_with_a_validation_split_matches_the_uninterrupted_one(data, tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_ultimus.main(tiny(data, straight, "--val-split", "60")) == 0
+    with ctrl_c_in_second_epoch(monkeypatch):
+        assert train_ultimus.main(tiny(data, resumed, "--val-split", "60")) == 130
+    assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
+    a, b = metrics(straight), metrics(resumed)
+    drop = ("epoch_time_s",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in a["history"]] == \
+           [{k: v for k, v in h.items() if k not in drop} for h in b["history"]]
+    assert (a["best_epoch"], a["best_val_acc"]) == (b["best_epoch"], b["best_val_acc"])
+    assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--val-split", "30"]) == 1
+
+
+def test_runs_report_the_validation_spread(data, tmp_path):
+    out = tmp_path / "many"
+    assert train_ultimus.main(tiny(data, out, "--val-split", "60", "--runs", "2", "--epochs", "2")) == 0
+    summary = json.loads((out / "runs.json").read_text())
+    vals = [metrics(out / f"seed{s}")["final_val_acc"] for s in (0, 1)]
+    assert summary["final_val_acc"] == vals and summary["val"]["mean"] == pytest.approx(np.mean(vals))
+
+
+def test_a_validation_split_that_leaves_nothing_to_train_is_one_line(data, tmp_path, capsys):
+    assert train_ultimus.main(tiny(data, tmp_path / "x", "--val-split", "300")) == 1
+    assert "--val-split 300" in one_error_line(capsys)
+    assert train_ultimus.main(tiny(data, tmp_path / "y", "--val-split", "280")) == 1  # 20 < --batch-size 50
+    assert "--batch-size" in one_error_line(capsys)
+
+
+def test_the_range_test_records_the_validation_loss_with_a_validation_split(data, tmp_path):
+    out = tmp_path / "lr"
+    assert lr_range_test.main(["--model", "ultimus", "--data", str(data), "--out", str(out), "--cache-dir", "none",
+                               "--device", "cpu", "--batch-size", "50", "--num-iter", "5", "--val-split", "60"]) == 0
+    record = json.loads((out / "lr_finder.json").read_text())
+    assert record["loss_kind"] == "val" and record["args"]["val_split"] == 60
