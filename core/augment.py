@@ -45,7 +45,10 @@ def crop_at(x, dy, dx, padding=4, mode="reflect", fill=0):
     """Pad each image by ``padding`` and crop it back to its size at offsets (dy[i], dx[i]).
 
     The padding is an index map, so one gather does pad and crop together for every
-    torchvision pad mode, including 'symmetric', which ``F.pad`` lacks.
+    torchvision pad mode, including 'symmetric', which ``F.pad`` lacks. The gather lays the
+    pixels out channels-last, and the batch comes back so: the layout the models train in on
+    every device, with no copy to NCHW and back (and, under torch.compile, no second graph for
+    NCHW strides).
     """
     n, _, h, w = x.shape
     rows = _padded_to_source(h, padding, mode, x.device)[dy[:, None] + torch.arange(h, device=x.device)]
@@ -56,7 +59,7 @@ def crop_at(x, dy, dx, padding=4, mode="reflect", fill=0):
     if mode == "constant":
         outside = (rows < 0)[:, :, None] | (cols < 0)[:, None, :]
         out = out.masked_fill(outside[:, None], fill)
-    return out.contiguous()
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 def random_crop(x, padding=4, mode="reflect", fill=0, generator=None):

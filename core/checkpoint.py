@@ -17,10 +17,12 @@ NEEDED = {"evaluate": ("model_name", "args", "model", "mean", "std", "classes"),
                      "rng", "epoch")}
 
 
-def save_checkpoint(path, state):
+def save_checkpoint(path, state, also=()):
+    """Serialize ``state`` once and write it to ``path``, and to each of ``also`` first (as a hard
+    link where it can: best.pt beside last.pt costs no second serialization or write)."""
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), also=also)
 
 
 def load_checkpoint(path, model_name=None, purpose=None):

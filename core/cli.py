@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from .build import OPTIMIZERS
+from .compiled import COMPILE_MODES
 from .errors import UserError
 from .flags import (at_least_two, below_one, lr_or_find, non_negative_float, non_negative_int, positive_float,
                     positive_int, seed_value, whole_number)
@@ -78,7 +79,13 @@ def add_device_args(p):
                         "fp16 with loss scaling on older GPUs (T4), else fp32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory layout, faster for convs with AMP")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=list(COMPILE_MODES),
+                   help="torch.compile the model: once for training and once for evaluation. MODE: " +
+                        "; ".join(f"{k}: {v}" for k, v in COMPILE_MODES.items()) + " (bare --compile: default)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic cuDNN and torch kernels, no cuDNN autotuning: a CUDA run (and its resume) "
+                        "repeats bit for bit, a little slower. CPU runs repeat without it")
     g.add_argument("--seed", type=seed_value, default=0, help="seed for init, data order and augmentation")
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of tqdm bars")
 
@@ -139,6 +146,9 @@ def build_train_parser(recipe):
                    help=f"output folder (default: runs/{recipe.name}-<timestamp>, or the checkpoint's folder on --resume)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run that --out already holds (its checkpoints, metrics and range test)")
+    g.add_argument("--save-every", type=positive_int, default=1, metavar="N",
+                   help="write last.pt after every Nth epoch and the last (best.pt whenever the run improves); "
+                        "an interrupted run resumes from the last one written")
     g.add_argument("--resume", default=None, metavar="PATH",
                    help="continue from a last.pt or best.pt, in its folder unless --out is given")
     g.add_argument("--eval-only", action="store_true",

@@ -15,7 +15,7 @@ import torch
 from . import plots
 from .build import Setup
 from .cli import build_predict_parser, build_range_test_parser, build_train_parser, given_flags, run_cli
-from .device import pick_device
+from .device import deterministic_algorithms, pick_device
 from .errors import UserError
 from .flags import plain_flags
 from .gradcam import default_cam_layer, grad_cam
@@ -52,6 +52,12 @@ def run_range_test(args):
     recipe = RECIPES[args.model]
     train_args = recipe_flags(recipe, args)
     check_folder(out)
+    with deterministic_algorithms(train_args.deterministic):
+        return sweep(recipe, args, train_args, out)
+
+
+def sweep(recipe, args, train_args, out):
+    """The range test itself, and what it prints: the curve's readings and the command to train with."""
     s = Setup(recipe, train_args)
     make_folder(out)
     print(s.summary)

@@ -3,6 +3,7 @@
 import contextlib
 import ctypes
 import functools
+import os
 import sys
 
 import torch
@@ -51,15 +52,40 @@ def keep_freed_memory(device):
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled):
+    """Inside the block, with ``enabled``: cuDNN picks deterministic kernels without timing them,
+    and torch refuses any op that has no deterministic implementation, so a CUDA run repeats
+    bit for bit and an interrupted one resumes exactly. cuBLAS needs a fixed workspace for that;
+    its setting is read when the first cuBLAS handle is made, so this must come before any CUDA
+    work. The previous settings come back after the block (they are the process's, not the run's)."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
+        if saved[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def autotune_convolutions(device):
     """On CUDA, let cuDNN time its convolution algorithms on the first batch of each shape and
     keep the fastest, as airbench and Page's code do. A run here feeds a few fixed shapes (the
     training batch, the evaluation batch, the last partial one), so the search is paid once per
     shape. The choice may differ between runs, so CUDA runs are not bit-reproducible; nor are
-    they without it, since some cuDNN backward kernels are nondeterministic. Returns whether it
-    was turned on.
+    they without it, since some cuDNN backward kernels are nondeterministic (--deterministic
+    turns both off: ``deterministic_algorithms``). Returns whether it
+    was turned on: not under ``deterministic_algorithms``.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():  # --deterministic
         return False
     torch.backends.cudnn.benchmark = True
     return True
@@ -85,6 +111,31 @@ def cuda_has_native_bf16(device):
     return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
 
+# The first torch releases whose MPS backend runs each mode: autocast to bf16 came in 2.6, to
+# fp16 in 2.5, and the GradScaler that fp16 training needs in 2.8. An older torch would turn
+# autocast off with a warning and train in fp32 while the run said otherwise.
+MPS_AMP_SINCE = {"bf16": (2, 6), "fp16": (2, 8)}
+
+
+def torch_release(version=None):
+    """(major, minor) of ``version`` (default: the installed torch), ignoring local tags."""
+    major, minor = (version or torch.__version__).split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def check_amp_support(mode, device, version=None):
+    """Refuse, in one line, a mode the installed torch cannot run on ``device``; warn where the
+    GPU would run it without hardware support. ``version`` stands in for torch's, for tests."""
+    if device.type == "mps" and torch_release(version) < MPS_AMP_SINCE[mode]:
+        need = ".".join(map(str, MPS_AMP_SINCE[mode]))
+        raise UserError(f"--amp {mode} on MPS needs torch {need} or newer (this is {version or torch.__version__}): "
+                        f"upgrade torch, or use --amp off")
+    if mode == "bf16" and device.type == "cuda" and not cuda_has_native_bf16(device):
+        name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        print(f"warning: --amp bf16 on {name} (compute capability {major}.{minor}, below 8.0): this GPU has no "
+              f"native bf16, so it will be slow or fail; --amp fp16 (or auto) is what it runs fast", file=sys.stderr)
+
+
 def pick_amp(mode, device):
     """Resolve --amp to None (fp32), torch.bfloat16 or torch.float16 for ``device``.
 
@@ -94,10 +145,12 @@ def pick_amp(mode, device):
     if mode == "off":
         return None
     if mode == "bf16":
+        check_amp_support(mode, device)
         return torch.bfloat16
     if mode == "fp16":
         if device.type == "cpu":
             raise UserError("--amp fp16 is for GPUs; on the CPU use --amp bf16 or off")
+        check_amp_support(mode, device)
         return torch.float16
     if mode != "auto":
         raise UserError(f"--amp {mode}: unknown mode; choose auto, bf16, fp16 or off")

@@ -93,6 +93,7 @@ class DeviceLoader:
             else:
                 sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
                 x, y = self.normalize(self.images[sl]), self.labels[sl]
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            # Augmentation may hand back either layout (crops come channels-last): give the
+            # model the one --channels-last asks for. A no-op when the batch has it already.
+            x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
             yield x, y

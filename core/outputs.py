@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -34,16 +35,34 @@ def write_failed(path, exc, tmp):
                      f"folder with --out")
 
 
-def atomic_write_bytes(path, data):
+def atomic_write_bytes(path, data, also=()):
+    """Write ``data`` to ``path`` through a temp file. ``also``: more paths that get the same file,
+    each put in place before ``path`` (so a kill between leaves none of them older than it), as a
+    hard link to the one written file, or as a copy where the file system has no hard links."""
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        for other in also:
+            _link_or_copy(tmp, other)
         os.replace(tmp, path)
     except OSError as exc:
         raise write_failed(path, exc, tmp) from None
+
+
+def _link_or_copy(source, path):
+    """Put ``source``'s file at ``path`` atomically. A later write replaces each path by a rename,
+    never in place, so a link keeps the bytes it was made with."""
+    tmp = temp_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:  # no hard links here (FAT, some network and container file systems)
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
 
 
 def atomic_write_text(path, text):

@@ -13,7 +13,8 @@ import torch
 from . import plots
 from .build import Setup, bn_images, describe_device
 from .checkpoint import load_checkpoint, save_checkpoint
-from .device import make_scaler
+from .compiled import compile_model
+from .device import deterministic_algorithms, make_scaler
 from .engine import NonFiniteLoss, evaluate, format_test_line, recalibrate_bn, train_epoch
 from .errors import UserError
 from .eval_only import evaluate_checkpoint
@@ -51,9 +52,10 @@ def run_training(recipe, args, command, given=frozenset()):
         validate(args)
     out = run_folder(recipe, args)
     check_run_folder(out, args, ckpt, recipe.script)
-    s = Setup(recipe, args)
-    with claimed_run_folder(out, args, ckpt):
-        return train(recipe, args, command, s, out, ckpt)
+    with deterministic_algorithms(args.deterministic):
+        s = Setup(recipe, args)
+        with claimed_run_folder(out, args, ckpt):
+            return train(recipe, args, command, s, out, ckpt)
 
 
 def train(recipe, args, command, s, out, ckpt):
@@ -87,11 +89,15 @@ def train(recipe, args, command, s, out, ckpt):
     if ckpt is None:
         save_checkpoint(out / "last.pt", checkpoint())
 
-    step_model = torch.compile(model) if args.compile else model
-    eval_model = s.ema.module if s.ema else step_model
+    step_model = compile_model(model, args.compile) if args.compile else model
+    eval_model = step_model
+    if s.ema:  # a module of its own, compiled (once, in eval mode) on its own
+        eval_model = compile_model(s.ema.module, args.compile) if args.compile else s.ema.module
     bn_loader = None
     if args.recalibrate_bn:
         bn_loader = bn_images(args, s.train, len(s.ds.classes), device, s.mean, s.std, args.batch_size)
+
+    pad_to = args.eval_batch_size if args.compile else None  # one evaluation shape for the compiled model
 
     def evaluate_now(keep_predictions):
         """The test split's figures, and the validation split's (None without one)."""
@@ -99,9 +105,10 @@ def train(recipe, args, command, s, out, ckpt):
             recalibrate_bn(s.ema.module if s.ema else model, bn_loader, device, amp_dtype)
         val = None
         if s.val_loader is not None:
-            val = evaluate(eval_model, s.val_loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift)
+            val = evaluate(eval_model, s.val_loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift,
+                           pad_to=pad_to)
         return evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=keep_predictions,
-                        tta=args.tta, tta_shift=args.tta_shift), val
+                        tta=args.tta, tta_shift=args.tta_shift, pad_to=pad_to), val
 
     info = {"model": recipe.name, "flags": plain_flags(args), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
             "lr_source": bounds.source, "peak_epoch": peak_epoch(args), "params": s.params,
@@ -112,6 +119,7 @@ def train(recipe, args, command, s, out, ckpt):
     print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / {held}"
           f"{info['test_images']} test images, output in {out}")
     first_epoch = state["epoch"] + 1  # of this process: its first step warms up (and compiles)
+    saved_epoch = state["epoch"]  # the epoch last.pt holds
     ev = val = None
     try:
         for epoch in range(first_epoch, args.epochs + 1):
@@ -146,16 +154,21 @@ def train(recipe, args, command, s, out, ckpt):
             if is_best:
                 state.update(best_test_acc=ev["acc"], best_val_acc=val["acc"] if val is not None else None,
                              best_epoch=epoch)
-            if is_best:  # first: a kill between the two writes leaves best.pt no older than last.pt
+            # One serialization a save: best.pt is put in place first, so a kill between the two
+            # leaves it no older than last.pt. With --save-every, a new best is still kept.
+            save_last = epoch % args.save_every == 0 or epoch == args.epochs
+            if save_last:
+                save_checkpoint(out / "last.pt", checkpoint(), also=[out / "best.pt"] if is_best else [])
+                saved_epoch = epoch
+            elif is_best:
                 save_checkpoint(out / "best.pt", checkpoint())
-            save_checkpoint(out / "last.pt", checkpoint())
             write_metrics(out, info, state)
     except NonFiniteLoss as exc:
         raise UserError(f"{exc}; stopped. The last good checkpoint is {out / 'last.pt'}: "
                         f"lower --lr-max (try lr_range_test.py) and train again") from None
     except KeyboardInterrupt:
-        print(f"\nInterrupted. {out / 'last.pt'} holds the state after epoch {state['epoch']} (the epoch in "
-              f"progress is lost); resume with:\n  {resume_command(recipe.script, out / 'last.pt')}", file=sys.stderr)
+        print(f"\nInterrupted. {out / 'last.pt'} holds the state after epoch {saved_epoch} (training since "
+              f"then is lost); resume with:\n  {resume_command(recipe.script, out / 'last.pt')}", file=sys.stderr)
         return 130
     if ev is None:  # resumed from a run that had already finished: nothing was evaluated yet
         ev, _ = evaluate_now(keep_predictions=True)

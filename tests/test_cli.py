@@ -56,7 +56,8 @@ def test_a_run_writes_every_output(full_run, capfd):
     assert set(m["timing"]) == {"data_load_s", "warmup_s", "train_s", "eval_s"}
     assert all(v > 0 for v in m["timing"].values())
     assert m["train_images_per_s"] == pytest.approx((3 * 200 - 50) / m["timing"]["train_s"])
-    assert set(m["history"][0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s"}
+    assert set(m["history"][0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+                                    "epoch_time_s"}
     assert len((full_run / "metrics.csv").read_text().splitlines()) == 4
     assert "Total params: 6,573,130" in (full_run / "summary.txt").read_text()
     ckpt = load_checkpoint(full_run / "last.pt", "resnet")

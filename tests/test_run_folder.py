@@ -197,7 +197,7 @@ def test_ctrl_c_names_the_lost_epoch_and_a_resume_command_a_shell_can_paste(data
     with ctrl_c_in_second_epoch(monkeypatch):
         assert train_ultimus.main(tiny(data, out)) == 130
     err = capsys.readouterr().err
-    assert "after epoch 1 (the epoch in progress is lost)" in err
+    assert "after epoch 1 (training since then is lost)" in err
     assert f"python train_ultimus.py --resume '{out / 'last.pt'}'" in err
 
 
