@@ -90,3 +90,22 @@ def test_ghost_resnet_keeps_parameters_and_state_dict_of_the_plain_one():
 def test_ghost_batch_must_be_positive():
     with pytest.raises(ValueError, match="ghost_batch"):
         GhostBatchNorm2d(5, 0)
+
+
+def test_one_reduction_keeps_the_layout_and_dtype_of_the_per_slice_batch_norm():
+    """The slices are reduced in one pass over a reshaped view: in a channels-last bf16 batch, as
+    the ResNet trains on the CPU and on GPUs, the output keeps both and matches per-slice BN."""
+    x = batch(64, c=8).contiguous(memory_format=torch.channels_last)
+    layer = GhostBatchNorm2d(8, 16)
+    calls = []
+    real = F.batch_norm
+    try:
+        F.batch_norm = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        out = layer(x.bfloat16())
+    finally:
+        F.batch_norm = real
+    assert not calls, "training slices go through one reduction, not a call per slice"
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    want = torch.cat([F.batch_norm(s.float(), None, None, layer.weight, layer.bias, True, eps=layer.eps)
+                      for s in x.bfloat16().split(16)])
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
