@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import plots
 from .build import Setup, bn_images, describe_device
@@ -73,7 +72,7 @@ def train(recipe, args, command, s, out, ckpt):
     best_by = "val_acc" if s.val_loader is not None else "test_acc"
     state = {"epoch": 0, "history": [], "best_test_acc": 0.0, "best_val_acc": 0.0 if best_by == "val_acc" else None,
              "best_epoch": None, "train_seconds": 0.0, "train_images": 0, "warmup_seconds": 0.0, "eval_seconds": 0.0,
-             "commands": []}
+             "checkpoint_seconds": 0.0, "commands": []}
 
     def checkpoint():
         return {"model_name": recipe.name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -157,11 +156,13 @@ def train(recipe, args, command, s, out, ckpt):
             # One serialization a save: best.pt is put in place first, so a kill between the two
             # leaves it no older than last.pt. With --save-every, a new best is still kept.
             save_last = epoch % args.save_every == 0 or epoch == args.epochs
+            save_start = time.perf_counter()
             if save_last:
                 save_checkpoint(out / "last.pt", checkpoint(), also=[out / "best.pt"] if is_best else [])
                 saved_epoch = epoch
             elif is_best:
                 save_checkpoint(out / "best.pt", checkpoint())
+            state["checkpoint_seconds"] += time.perf_counter() - save_start
             write_metrics(out, info, state)
     except NonFiniteLoss as exc:
         raise UserError(f"{exc}; stopped. The last good checkpoint is {out / 'last.pt'}: "
@@ -223,7 +224,8 @@ def write_metrics(out, info, state, report=None):
     history = state["history"]
     per_s = state["train_images"] / state["train_seconds"] if state["train_seconds"] > 0 else None
     timing = {"data_load_s": info["data_load_s"], "warmup_s": state["warmup_seconds"],
-              "train_s": state["train_seconds"], "eval_s": state["eval_seconds"]}
+              "train_s": state["train_seconds"], "eval_s": state["eval_seconds"],
+              "checkpoint_s": state["checkpoint_seconds"]}
     commands = state["commands"]
     write_json(out / "metrics.json", {**info, "command": commands[0], "resumed_with": commands[1:],
                                       "best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"],

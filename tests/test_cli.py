@@ -53,7 +53,7 @@ def test_a_run_writes_every_output(full_run, capfd):
     assert m["final_test_acc"] == m["history"][-1]["test_acc"]
     assert m["best_test_acc"] == max(h["test_acc"] for h in m["history"])
     assert m["train_images_per_s"] > 0 and m["lr_max"] == 0.05 and m["lr_min"] == 0.005
-    assert set(m["timing"]) == {"data_load_s", "warmup_s", "train_s", "eval_s"}
+    assert set(m["timing"]) == {"data_load_s", "warmup_s", "train_s", "eval_s", "checkpoint_s"}
     assert all(v > 0 for v in m["timing"].values())
     assert m["train_images_per_s"] == pytest.approx((3 * 200 - 50) / m["timing"]["train_s"])
     assert set(m["history"][0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",

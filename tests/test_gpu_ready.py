@@ -124,8 +124,10 @@ def counting_compile(monkeypatch):
         graphs.append(gm)
         return gm.forward
 
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None, dynamic=None: real(model, backend=backend,
-                                                                                     dynamic=dynamic))
+    def compile_counted(model, mode=None, dynamic=None):
+        return real(model, backend=backend, dynamic=dynamic)
+
+    monkeypatch.setattr(torch, "compile", compile_counted)
     torch._dynamo.reset()
     return graphs
 

@@ -6,7 +6,6 @@ its own mean and variance puts back the noise that regularizes small-batch train
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 

@@ -1,0 +1,83 @@
+"""Kernels and host syncs per training step of a recipe's defaults, by torch.profiler.
+
+A step that syncs the host (a ``.item()``, a GradScaler reading its overflow flag) drains the
+GPU's queue, and the kernels per step bound how fast a small model can go on a fast GPU, where
+each launch costs a few microseconds. Prints one JSON line (``--json``) or a short report.
+
+    python benchmarks/profile_step.py --data PATH --device cuda [--steps 10] [train flags...]
+"""
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.build import Setup  # noqa: E402
+from core.cli import ArgumentParser, build_train_parser  # noqa: E402
+from core.flags import positive_int  # noqa: E402
+from core.device import make_scaler  # noqa: E402
+from core.engine import synchronize, train_step  # noqa: E402
+from core.recipes import RECIPES  # noqa: E402
+from core.schedule import one_cycle_for_recipe  # noqa: E402
+
+# CUDA runtime calls that block the host until the device catches up (a device-to-host copy
+# for .item() shows as cudaMemcpyAsync followed by cudaStreamSynchronize).
+SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+
+
+def profile_steps(setup, steps, warmup=3):
+    """(kernels, host syncs, CPU-side ops) per step over ``steps`` profiled steps of ``setup``."""
+    s = setup
+    # a cycle as long as the profiled steps (one "epoch" a step): the schedule's cost is the step's
+    schedule = one_cycle_for_recipe(s.optimizer, 0.1, 0.001, warmup + steps + 1, 1, 1)
+    scaler = make_scaler(s.device, s.amp_dtype)
+    batches = (batch for _ in itertools.count() for batch in s.train_loader)  # as many epochs as it takes
+
+    def step():
+        x, y = next(batches)
+        train_step(s.model, s.optimizer, s.loss_fn, x, y, s.device, s.amp_dtype, scaler)
+        schedule.step()
+
+    for _ in range(warmup):
+        step()
+    synchronize(s.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(s.device)
+    events = prof.events()
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    syncs = sum(1 for e in events if e.name in SYNC_CALLS)
+    ops = sum(1 for e in events if e.name.startswith("aten::"))
+    # the one synchronize after the last step is the profiler's own, not the step's
+    syncs = max(syncs - (1 if s.device.type == "cuda" else 0), 0)
+    return {"steps": steps, "kernels_per_step": kernels / steps, "host_syncs_per_step": syncs / steps,
+            "aten_ops_per_step": ops / steps}
+
+
+def build_parser():
+    """This script's own flags; the rest of the command line is the train script's."""
+    p = ArgumentParser(prog="profile_step.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(RECIPES), default="resnet")
+    p.add_argument("--steps", type=positive_int, default=10, help="profiled steps, after 3 unprofiled ones")
+    p.add_argument("--json", action="store_true", help="one JSON line instead of a report")
+    return p
+
+
+def main(argv=None):
+    own, train_argv = build_parser().parse_known_args(argv)
+    recipe = RECIPES[own.model]
+    args = build_train_parser(recipe).parse_args(train_argv)  # the rest: the train script's flags
+    result = {"model": own.model, **profile_steps(Setup(recipe, args), own.steps)}
+    print(json.dumps(result) if own.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
