@@ -278,8 +278,8 @@ def summary_table(c, figures):
         if isinstance(fig, dict):
             fig = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fig.items()
                             if v is not None)
-        elif isinstance(fig, list):
-            fig = " / ".join(fig[2:])
+        elif isinstance(fig, list):  # the benchmark's own table rows, without their pipes
+            fig = "; ".join(" ".join(cell.strip() for cell in row.strip("|").split("|")) for row in fig[2:])
         rows.append(f"| {step['step']} | {step['status']} | {step.get('wall_s', '')} | {fig} |")
     return "\n".join(rows)
 
@@ -297,6 +297,10 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the GPU's dense bf16 peak for the MFU column (default: from its name, where known)")
     args = p.parse_args(argv)
+    # A shell starts background jobs with Ctrl-C ignored, and children inherit that: the resume
+    # steps' Ctrl-C would then never arrive. A handler of our own is reset to the default on exec.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     c = Checker(args)
     make_folder(c.out / "logs")
     c.info = header(args.device)

@@ -1,5 +1,10 @@
 """Continuing a run from its checkpoint: which flags come from the command line and which from
-the checkpoint, and every piece of state that makes the continued run the one that stopped."""
+the checkpoint, and every piece of state that makes the continued run the one that stopped.
+
+How exact that is depends on the device: on the CPU the resumed run ends with identical metrics;
+on CUDA identical under --deterministic, and otherwise with the same data order and augmentation
+but not bit for bit (cuDNN's autotuned algorithms and atomic-add kernels vary from run to run).
+"""
 
 import argparse
 
