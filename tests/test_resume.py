@@ -158,3 +158,17 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(data, tmp_path, monk
     save_checkpoint(resumed / "last.pt", ckpt)
     assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
     assert history(resumed) == history(straight)
+
+
+def test_a_checkpoint_from_before_crop_padding_resumes_with_the_crop_it_trained_with(data, tmp_path, monkeypatch):
+    """Ultimus cropped with padding 4 before --crop-padding existed; its default is the search's
+    now. A checkpoint without the flag must go on with 4, as the uninterrupted run did."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_ultimus.main(tiny(data, straight, "--crop-padding", "4")) == 0
+    interrupt_after_first_epoch(data, resumed, monkeypatch, "--crop-padding", "4")
+    old = load_checkpoint(resumed / "last.pt")
+    del old["args"]["crop_padding"]
+    save_checkpoint(resumed / "last.pt", old)
+    assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
+    assert metrics(resumed)["flags"]["crop_padding"] == 4 == RECIPES["ultimus"].predated["crop_padding"]
+    assert history(resumed) == history(straight)
