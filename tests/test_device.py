@@ -18,6 +18,7 @@ def test_auto_amp_on_cuda_takes_bf16_only_where_it_is_native(monkeypatch, capabi
     is_bf16_supported() answers True there (it counts emulation), as it does on a real T4."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "a mocked GPU")  # bf16's warning names it
     monkeypatch.setattr(torch.version, "hip", None)
     assert dev.pick_amp("auto", torch.device("cuda")) is expected
     assert dev.pick_amp("fp16", torch.device("cuda")) is torch.float16
