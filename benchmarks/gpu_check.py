@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.cli import ArgumentParser  # noqa: E402
+from core.errors import UserError  # noqa: E402
 from core.outputs import make_folder, write_json  # noqa: E402
+from core.sources import safe_members  # noqa: E402
 
 FLOP_PER_TRAINING_IMAGE = 2.3e9  # the ResNet's forward and backward pass on one 32x32 image
 # Dense bf16 (fp16 where the chip has no bf16) tensor-core peaks from the vendors' datasheets,
@@ -143,20 +145,28 @@ def same_history(a, b):
     return {"identical": identical, "max_test_loss_diff": gap}
 
 
+def _image_root(folder):
+    """``folder``, or the one folder in it, that holds ``train/`` (an archive may wrap its layout
+    in a top folder); None if neither does."""
+    return next((p for p in (folder, *folder.glob("*/")) if (p / "train").is_dir()), None)
+
+
 def unpack(archive, target):
-    """The image folder the seed pipeline's ImageFolder reads, unpacked safely (no member may
-    leave ``target``)."""
+    """The image folder the seed pipeline's ImageFolder reads: ``archive`` itself if it is one,
+    else its regular files unpacked once into ``target``, by the loader's own member check
+    (``sources.safe_members``: nothing that climbs out, no links)."""
     if Path(archive).is_dir():
         return Path(archive)
-    if not (target / "train").is_dir():
-        with tarfile.open(archive) as tar:
-            for member in tar.getmembers():
-                path = (target / member.name).resolve()
-                if not path.is_relative_to(target.resolve()) or member.issym() or member.islnk():
-                    raise SystemExit(f"error: {archive} member {member.name} leaves the target: refused")
-            tar.extractall(target, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    roots = [p.parent for p in target.rglob("train") if p.is_dir()]
-    return roots[0] if roots else target
+    root = _image_root(target) if target.is_dir() else None
+    if root is None:
+        try:
+            with tarfile.open(archive) as tar:
+                for member in safe_members(tar, archive).values():
+                    tar.extract(member, target, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        except UserError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        root = _image_root(target)
+    return root or target
 
 
 def sizes(tiny):

@@ -61,11 +61,13 @@ def sweep(recipe, args, train_args, out):
     s = Setup(recipe, train_args)
     make_folder(out)
     print(s.summary)
+    val_loader = s.val_loader  # --val-split's images, where the run holds them
+    if val_loader is None and args.val:
+        val_loader = s.test_loader
     record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
                          start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
                          optimizer_name=train_args.optimizer, method=args.method,
-                         val_loader=s.val_loader if s.val_loader is not None else s.test_loader if args.val else None,
-                         settings=plain_flags(args),
+                         val_loader=val_loader, settings=plain_flags(args),
                          advice="widen --start-lr/--end-lr or raise --num-iter")
     steps = len(record["lrs"])
     stop = f", stopped at step {record['diverged_at']} as the loss diverged" if record["diverged_at"] is not None else ""

@@ -62,17 +62,19 @@ def deterministic_algorithms(enabled):
     if not enabled:
         yield
         return
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    cudnn = torch.backends.cudnn
+    was_cudnn = (cudnn.deterministic, cudnn.benchmark)
+    had_workspace = "CUBLAS_WORKSPACE_CONFIG" in os.environ
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    cudnn.deterministic, cudnn.benchmark = True, False
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(saved[0])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
-        if saved[3] is None:
+        torch.use_deterministic_algorithms(was_enabled)
+        cudnn.deterministic, cudnn.benchmark = was_cudnn
+        if not had_workspace:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
@@ -82,8 +84,8 @@ def autotune_convolutions(device):
     training batch, the evaluation batch, the last partial one), so the search is paid once per
     shape. The choice may differ between runs, so CUDA runs are not bit-reproducible; nor are
     they without it, since some cuDNN backward kernels are nondeterministic (--deterministic
-    turns both off: ``deterministic_algorithms``). Returns whether it
-    was turned on: not under ``deterministic_algorithms``.
+    turns both off: ``deterministic_algorithms``). Returns whether it was turned on: never
+    under ``deterministic_algorithms``.
     """
     if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():  # --deterministic
         return False

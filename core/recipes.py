@@ -33,8 +33,7 @@ def flip_crop_augment(x, generator=None, mean=None, std=None, flip=True, crop_pa
     """A horizontal flip, after a random crop with reflect padding ``crop_padding`` where it is
     above 0: light augmentation for small nets (Ultimus, which underfits, trains best on flips
     alone; it cropped with padding 4 before)."""
-    if crop_padding:
-        x = random_crop(x, padding=crop_padding, mode="reflect", generator=generator)
+    x = random_crop(x, padding=crop_padding, mode="reflect", generator=generator)  # 0: unchanged, nothing drawn
     return hflip(x, p=0.5, generator=generator) if flip else x
 
 

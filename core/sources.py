@@ -184,7 +184,7 @@ def load_folder(root, need_train):
                              need_train)
 
 
-def _safe_members(tar, path):
+def safe_members(tar, path):
     """The archive's regular files by name, refusing members that would land outside its root."""
     members = {}
     for m in tar.getmembers():
@@ -215,7 +215,7 @@ def load_archive(path, need_train):
     the load holds little more than the decoded images, whatever else the archive carries."""
     try:
         with tarfile.open(path) as tar:
-            members = _safe_members(tar, path)
+            members = safe_members(tar, path)
             batch_dirs = {os.path.dirname(n) for n in members if os.path.basename(n) == "test_batch"}
             if batch_dirs:
                 d = sorted(batch_dirs)[0]

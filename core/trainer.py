@@ -149,7 +149,7 @@ def train(recipe, args, command, s, out, ckpt):
                                      "test_acc": ev["acc"] if evaluated else None,
                                      "epoch_time_s": time.perf_counter() - epoch_start})
             state["epoch"] = epoch
-            is_best = evaluated and (val or ev)["acc"] > state["best_" + best_by]
+            is_best = evaluated and (val if val is not None else ev)["acc"] > state["best_" + best_by]
             if is_best:
                 state.update(best_test_acc=ev["acc"], best_val_acc=val["acc"] if val is not None else None,
                              best_epoch=epoch)

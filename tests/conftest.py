@@ -89,6 +89,11 @@ def metrics(out):
     return json.loads((Path(out) / "metrics.json").read_text())
 
 
+def epoch_figures(out):
+    """A run's per-epoch history without its wall times: what an exact resume must repeat."""
+    return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in metrics(out)["history"]]
+
+
 def one_error_line(capsys):
     """What a refused command printed: exactly one line on stderr, and no traceback."""
     err = capsys.readouterr().err.strip().splitlines()

@@ -18,7 +18,7 @@ from core.engine import evaluate, train_step, tta_views
 from core.inference import load_trained
 from core.loader import DeviceLoader
 from core.models import build_model
-from tests.conftest import ctrl_c_in_second_epoch, metrics, write_batches
+from tests.conftest import ctrl_c_in_second_epoch, epoch_figures, write_batches
 
 
 def _present(name):
@@ -115,10 +115,7 @@ def test_a_deterministic_resume_on_the_device_repeats_the_uninterrupted_run(data
     with ctrl_c_in_second_epoch(monkeypatch):
         assert train_resnet.main(tiny(data, resumed, device, *flags)) == 130
     assert train_resnet.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
-    drop = ("epoch_time_s",)
-    a, b = metrics(straight), metrics(resumed)
-    assert [{k: v for k, v in h.items() if k not in drop} for h in a["history"]] == \
-           [{k: v for k, v in h.items() if k not in drop} for h in b["history"]]
+    assert epoch_figures(straight) == epoch_figures(resumed)
 
 
 @pytest.mark.parametrize("device", DEVICES)

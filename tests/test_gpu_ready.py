@@ -18,7 +18,7 @@ from core.engine import train_epoch
 from core.errors import UserError
 from core.loader import DeviceLoader
 from core.schedule import one_cycle_for_recipe
-from tests.conftest import ctrl_c_in_second_epoch, metrics, write_batches
+from tests.conftest import ctrl_c_in_second_epoch, epoch_figures, metrics, write_batches
 
 CPU = torch.device("cpu")
 
@@ -170,6 +170,4 @@ def test_save_every_writes_last_pt_less_often_and_resumes_from_the_last_written(
     assert "holds the state after epoch 0" in capsys.readouterr().err  # epoch 1 was not written
     assert checkpoint.load_checkpoint(resumed / "last.pt", "ultimus")["epoch"] == 0
     assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
-    drop = ("epoch_time_s",)
-    assert [{k: v for k, v in h.items() if k not in drop} for h in metrics(straight)["history"]] == \
-           [{k: v for k, v in h.items() if k not in drop} for h in metrics(resumed)["history"]]
+    assert epoch_figures(straight) == epoch_figures(resumed)

@@ -18,9 +18,10 @@ column-stochastic (AM[n].T is row-stochastic). Softmax over j instead would make
 to 1 but the weights that multiply v would not, so Z would not be a convex combination.
 
 ``residual=True`` wraps each block as x + block(x); the default (False) is the exact
-architecture. ``init`` picks how the weights are drawn (``init_weights``). Submodules are registered, and run, in the order of the assignment's torchsummary
-table (Conv2d x3, AvgPool2d, then per block Linear K, Q, V, Linear out, UltimusBlock, then the
-final Linear); ReLU and flatten are functional so they add no rows.
+architecture. ``init`` picks how the weights are drawn (``init_weights``). Submodules are
+registered, and run, in the order of the assignment's torchsummary table (Conv2d x3,
+AvgPool2d, then per block Linear K, Q, V, Linear out, UltimusBlock, then the final Linear);
+ReLU and flatten are functional so they add no rows.
 """
 
 import math
@@ -56,9 +57,10 @@ INITS = ("torch", "kaiming", "xavier", "orthogonal")
 
 def init_weights(model, init):
     """Re-draw every conv and linear weight by ``init`` and zero the biases; "torch" keeps
-    PyTorch's default draw. The net has no normalization, and PyTorch's default (uniform with
-    variance 1/(3 fan_in)) shrinks the signal about three-fold in each of the four blocks' two
-    linears, so the scheme sets how much of it reaches the classifier at the start."""
+    PyTorch's default draw. The net has no normalization, and with PyTorch's default the images'
+    differences (the spread of the GAP features across a batch) shrink by orders of magnitude
+    through the four blocks, so the scheme sets how much of them reaches the classifier at the
+    start."""
     if init == "torch":
         return
     for m in model.modules():
