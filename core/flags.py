@@ -54,6 +54,13 @@ def below_one(text):
     return value
 
 
+def probability(text):
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a probability (0 to 1)")
+    return value
+
+
 def at_least_two(text):
     value = whole_number(text)
     if value < 2:

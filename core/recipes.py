@@ -6,7 +6,8 @@ Everything else (data, engine, outputs, CLI flags) is shared, so a script is a r
 from dataclasses import dataclass, field
 
 from .augment import coarse_dropout, cutout, hflip, random_crop, shift_scale_rotate, to_gray
-from .flags import non_negative_float, non_negative_int, positive_float, positive_int
+from .flags import non_negative_float, non_negative_int, positive_float, positive_int, probability
+from .models.dilated import C4_SIZES
 from .models.ultimus import INITS
 from .receptive_field import format_rf_table, receptive_field_table
 
@@ -37,19 +38,20 @@ def flip_crop_augment(x, generator=None, mean=None, std=None, flip=True, crop_pa
     return hflip(x, p=0.5, generator=generator) if flip else x
 
 
-def dilated_augment(x, generator=None, mean=None, std=None, flip=True):
+def dilated_augment(x, generator=None, mean=None, std=None, flip=True, rotate_limit=15.0, ssr_p=0.5,
+                    dropout_p=0.5, gray_p=0.2):
     """The dilated-net assignment's albumentations set: HorizontalFlip, ShiftScaleRotate,
-    CoarseDropout of one 16x16 hole in the mean colour, ToGray.
+    CoarseDropout of one 16x16 hole in the mean colour, ToGray, each with probability ``*_p``.
 
-    Rotations stay within 15 degrees rather than albumentations' default 45, whose full strength
+    Rotations default to within 15 degrees rather than albumentations' 45, whose full strength
     held the small net's train accuracy below its test accuracy (docs/results.md)."""
     stats = dict(mean=mean, std=std)
     if flip:
         x = hflip(x, p=0.5, generator=generator)
-    x = shift_scale_rotate(x, rotate_limit=15, p=0.5, generator=generator, **stats)
+    x = shift_scale_rotate(x, rotate_limit=rotate_limit, p=ssr_p, generator=generator, **stats)
     x = coarse_dropout(x, max_holes=1, max_height=16, max_width=16, min_holes=1, min_height=16,
-                       min_width=16, fill="mean", p=0.5, generator=generator, **stats)
-    return to_gray(x, p=0.2, generator=generator, **stats)
+                       min_width=16, fill="mean", p=dropout_p, generator=generator, **stats)
+    return to_gray(x, p=gray_p, generator=generator, **stats)
 
 
 def receptive_field_report(model):
@@ -137,6 +139,19 @@ RECIPES = {
             ("--downsample", dict(choices=["strided", "dilated"], default="strided",
                                   help="downsample with stride-2 convs, or keep 32x32 and grow dilations")),
             ("--width", dict(type=positive_int, default=32, help="channel width of the first block")),
+            ("--c4-size", dict(type=int, choices=C4_SIZES, default=4, metavar="PIXELS",
+                               help="side of C4's feature maps (4 or 8: C3 strides or not; the dilated variant "
+                                    "dilates to match)")),
+        ),
+        augment_flags=(
+            ("--rotate-limit", dict(type=non_negative_float, default=15.0, metavar="DEGREES",
+                                    help="shift-scale-rotate turns by up to this many degrees (albumentations: 45)")),
+            ("--ssr-p", dict(type=probability, default=0.5, metavar="P",
+                             help="probability of shift-scale-rotate per image")),
+            ("--dropout-p", dict(type=probability, default=0.5, metavar="P",
+                                 help="probability of the 16x16 coarse dropout hole per image")),
+            ("--gray-p", dict(type=probability, default=0.2, metavar="P",
+                              help="probability of turning an image gray")),
         ),
         report=receptive_field_report, report_name="receptive_field",
     ),

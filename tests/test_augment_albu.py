@@ -216,3 +216,18 @@ def test_recipe_fills_holes_with_the_mean_colour_of_a_normalized_batch():
     y = dilated_augment(x, gen(), MEAN, STD)
     holes = (y == 0).all(1).flatten(1).sum(1)
     assert set(holes.unique().tolist()) <= {0, 256} and 0 < (holes == 256).sum() < 64
+
+
+def test_recipe_probabilities_switch_each_op():
+    x = normalize(images(64)) + 5.0  # no pixel at 0, the normalized mean: holes are easy to count
+    off = dict(ssr_p=0.0, dropout_p=0.0, gray_p=0.0)
+    assert torch.equal(dilated_augment(x, gen(), MEAN, STD, flip=False, **off), x)
+    holed = dilated_augment(x, gen(), MEAN, STD, flip=False, **{**off, "dropout_p": 1.0})
+    assert ((holed == 0).all(1).flatten(1).sum(1) == 256).all()
+    gray = dilated_augment(x, gen(), MEAN, STD, flip=False, **{**off, "gray_p": 1.0})
+    pixels = gray * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+    assert torch.allclose(pixels.amax(1), pixels.amin(1), atol=1e-5)  # R = G = B everywhere
+    turned = dilated_augment(x, gen(), MEAN, STD, flip=False, **{**off, "ssr_p": 1.0})
+    assert all(not torch.equal(a, b) for a, b in zip(turned, x))
+    unturned = dilated_augment(x, gen(), MEAN, STD, flip=False, rotate_limit=0.0, **{**off, "ssr_p": 1.0})
+    assert not torch.equal(unturned, turned)

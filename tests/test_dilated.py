@@ -7,6 +7,7 @@ from core.models.dilated import DilatedNet
 from core.receptive_field import receptive_field_table
 
 VARIANTS = ["strided", "dilated"]
+C4_SIZES = [4, 8]
 
 
 def convs(model):
@@ -19,15 +20,17 @@ def n_params(model):
 
 @pytest.mark.parametrize("downsample", VARIANTS)
 @pytest.mark.parametrize("fc", [True, False])
-def test_budget_and_output(downsample, fc):
-    model = DilatedNet(downsample=downsample, fc=fc)
+@pytest.mark.parametrize("c4_size", C4_SIZES)
+def test_budget_and_output(downsample, fc, c4_size):
+    model = DilatedNet(downsample=downsample, fc=fc, c4_size=c4_size)
     assert 150_000 < n_params(model) < 200_000
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("downsample", VARIANTS)
-def test_assignment_rules(downsample):
-    model = DilatedNet(downsample=downsample)
+@pytest.mark.parametrize("c4_size", C4_SIZES)
+def test_assignment_rules(downsample, c4_size):
+    model = DilatedNet(downsample=downsample, c4_size=c4_size)
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
     assert any(c.dilation[0] > 1 for c in convs(model))
     gaps = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
@@ -44,23 +47,29 @@ def test_has_depthwise_separable_conv(downsample):
                for a, b in pairs)
 
 
-def test_only_the_strided_variant_downsamples():
-    strided, dilated = DilatedNet(downsample="strided"), DilatedNet(downsample="dilated")
-    assert sum(c.stride[0] == 2 for c in convs(strided)) == 3
+@pytest.mark.parametrize("c4_size", C4_SIZES)
+def test_only_the_strided_variant_downsamples(c4_size):
+    strided = DilatedNet(downsample="strided", c4_size=c4_size)
+    dilated = DilatedNet(downsample="dilated", c4_size=c4_size)
+    assert sum(c.stride[0] == 2 for c in convs(strided)) == {4: 3, 8: 2}[c4_size]
+    assert strided.blocks(torch.randn(1, 3, 32, 32)).shape[-2:] == (c4_size, c4_size)
+    assert dilated.blocks(torch.randn(1, 3, 32, 32)).shape[-2:] == (32, 32)
     assert all(c.stride[0] == 1 for c in convs(dilated))
     assert n_params(strided) == n_params(dilated)
 
 
 @pytest.mark.parametrize("downsample", VARIANTS)
-def test_receptive_field(downsample):
-    rows = receptive_field_table(DilatedNet(downsample=downsample))
+@pytest.mark.parametrize("c4_size", C4_SIZES)
+def test_receptive_field(downsample, c4_size):
+    rows = receptive_field_table(DilatedNet(downsample=downsample, c4_size=c4_size))
     assert rows[-1]["rout"] > 44 and rows[-2]["rout"] > 44  # with and without GAP
     assert rows[-1]["layer"].startswith("head")
 
 
-def test_dilation_keeps_the_strided_receptive_fields():
-    strided = receptive_field_table(DilatedNet(downsample="strided"))
-    dilated = receptive_field_table(DilatedNet(downsample="dilated"))
+@pytest.mark.parametrize("c4_size", C4_SIZES)
+def test_dilation_keeps_the_strided_receptive_fields(c4_size):
+    strided = receptive_field_table(DilatedNet(downsample="strided", c4_size=c4_size))
+    dilated = receptive_field_table(DilatedNet(downsample="dilated", c4_size=c4_size))
     assert [r["rout"] for r in strided[:-1]] == [r["rout"] for r in dilated[:-1]]
 
 
@@ -72,6 +81,8 @@ def test_registered_and_trains():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_rejects_unknown_downsample():
+def test_rejects_unknown_downsample_and_c4_size():
     with pytest.raises(ValueError):
         DilatedNet(downsample="pooled")
+    with pytest.raises(ValueError):
+        DilatedNet(c4_size=2)

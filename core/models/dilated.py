@@ -59,21 +59,30 @@ def block(c_in, c_out, units, stride, dilation, inner_dilation, dropout):
         third(c_out, c_out, stride, dilation=dilation, dropout=dropout))
 
 
+C4_SIZES = (4, 8)
+
+
 class DilatedNet(nn.Module):
     """``width`` sets the blocks' channels to (1, 2, 4, 4.5) times it: 190k parameters at 32.
-    ``downsample``: 'strided' (32 -> 16 -> 8 -> 4 pixels) or 'dilated' (32x32 throughout).
+    ``downsample``: 'strided' (32 -> 16 -> 8 -> ``c4_size`` pixels) or 'dilated' (32x32
+    throughout, with the dilations of the strided net's sizes). ``c4_size`` 8 drops C3's stride:
+    C4 then sees four times as many positions for the same parameters.
     ``fc``: GAP then a linear layer, else a 1x1 conv to the classes then GAP. No softmax."""
 
-    def __init__(self, num_classes=10, width=32, downsample="strided", fc=True, dropout=0.0):
+    def __init__(self, num_classes=10, width=32, downsample="strided", c4_size=4, fc=True,
+                 dropout=0.0):
         super().__init__()
         if downsample not in ("strided", "dilated"):
             raise ValueError(f"downsample must be 'strided' or 'dilated', not {downsample!r}")
+        if c4_size not in C4_SIZES:
+            raise ValueError(f"c4_size must be one of {C4_SIZES}, not {c4_size!r}")
         widths = (width, 2 * width, 4 * width, 9 * width // 2)
         strided = downsample == "strided"
+        halvings = 3 if c4_size == 4 else 2  # of 32x32, each by one block's last conv
         blocks, c_in = [], 3
         for i, (c_out, units) in enumerate(zip(widths, UNITS)):
-            stride = 2 if strided and i < 3 else 1
-            dilation = 1 if strided else 2**i
+            stride = 2 if strided and i < halvings else 1
+            dilation = 1 if strided else 2**min(i, halvings)
             inner_dilation = 2 if i == 0 else 1
             blocks.append(block(c_in, c_out, units, stride, dilation, inner_dilation, dropout))
             c_in = c_out
