@@ -38,8 +38,8 @@ def flip_crop_augment(x, generator=None, mean=None, std=None, flip=True, crop_pa
     return hflip(x, p=0.5, generator=generator) if flip else x
 
 
-def dilated_augment(x, generator=None, mean=None, std=None, flip=True, rotate_limit=15.0, ssr_p=0.5,
-                    dropout_p=0.5, gray_p=0.2):
+def dilated_augment(x, generator=None, mean=None, std=None, flip=True, rotate_limit=15.0, ssr_p=0.3,
+                    dropout_p=0.3, gray_p=0.1):
     """The dilated-net assignment's albumentations set: HorizontalFlip, ShiftScaleRotate,
     CoarseDropout of one 16x16 hole in the mean colour, ToGray, each with probability ``*_p``.
 
@@ -86,12 +86,13 @@ class Recipe:
 
     def model_kwargs(self, values):
         """The model's constructor keywords out of the flags (a dict such as vars(args))."""
-        # A checkpoint older than a flag lacks it: the constructor's default rebuilds that model.
-        return _flag_values(self.model_flags, values)
+        # A checkpoint older than a flag lacks it: its predated value, else the constructor's
+        # default, rebuilds the model it trained.
+        return _flag_values(self.model_flags, {**self.predated, **values})
 
     def augment_kwargs(self, values):
         """The augmentation's keywords out of the flags (a dict such as vars(args))."""
-        return _flag_values(self.augment_flags, values)
+        return _flag_values(self.augment_flags, {**self.predated, **values})
 
 
 def _flag_values(flags, values):
@@ -139,21 +140,23 @@ RECIPES = {
             ("--downsample", dict(choices=["strided", "dilated"], default="strided",
                                   help="downsample with stride-2 convs, or keep 32x32 and grow dilations")),
             ("--width", dict(type=positive_int, default=32, help="channel width of the first block")),
-            ("--c4-size", dict(type=int, choices=C4_SIZES, default=4, metavar="PIXELS",
+            ("--c4-size", dict(type=int, choices=C4_SIZES, default=8, metavar="PIXELS",
                                help="side of C4's feature maps (4 or 8: C3 strides or not; the dilated variant "
                                     "dilates to match)")),
         ),
         augment_flags=(
             ("--rotate-limit", dict(type=non_negative_float, default=15.0, metavar="DEGREES",
                                     help="shift-scale-rotate turns by up to this many degrees (albumentations: 45)")),
-            ("--ssr-p", dict(type=probability, default=0.5, metavar="P",
+            ("--ssr-p", dict(type=probability, default=0.3, metavar="P",
                              help="probability of shift-scale-rotate per image")),
-            ("--dropout-p", dict(type=probability, default=0.5, metavar="P",
+            ("--dropout-p", dict(type=probability, default=0.3, metavar="P",
                                  help="probability of the 16x16 coarse dropout hole per image")),
-            ("--gray-p", dict(type=probability, default=0.2, metavar="P",
+            ("--gray-p", dict(type=probability, default=0.1, metavar="P",
                               help="probability of turning an image gray")),
         ),
         report=receptive_field_report, report_name="receptive_field",
+        # C4 at 8x8 and milder augmentation: the validation search's choice (docs/results.md#the-dilated-net)
+        predated={"c4_size": 4, "ssr_p": 0.5, "dropout_p": 0.5, "gray_p": 0.2},
     ),
     "ultimus": Recipe(
         "ultimus", flip_crop_augment,

@@ -69,7 +69,7 @@ class DilatedNet(nn.Module):
     C4 then sees four times as many positions for the same parameters.
     ``fc``: GAP then a linear layer, else a 1x1 conv to the classes then GAP. No softmax."""
 
-    def __init__(self, num_classes=10, width=32, downsample="strided", c4_size=4, fc=True,
+    def __init__(self, num_classes=10, width=32, downsample="strided", c4_size=8, fc=True,
                  dropout=0.0):
         super().__init__()
         if downsample not in ("strided", "dilated"):
