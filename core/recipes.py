@@ -77,7 +77,7 @@ class Recipe:
     report: object = None
     report_name: str = ""
     # dest -> the value a checkpoint written before the flag existed trained with, where today's
-    # default differs, so that such a run resumes as it started
+    # default differs, so that such a run resumes, and its model is rebuilt, as it started
     predated: dict = field(default_factory=dict)
 
     @property
@@ -92,7 +92,7 @@ class Recipe:
 
     def augment_kwargs(self, values):
         """The augmentation's keywords out of the flags (a dict such as vars(args))."""
-        return _flag_values(self.augment_flags, {**self.predated, **values})
+        return _flag_values(self.augment_flags, values)
 
 
 def _flag_values(flags, values):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import train_dilated
 import train_ultimus
 from core import lr_finder_runner, trainer
 from core.checkpoint import load_checkpoint, save_checkpoint
@@ -35,9 +36,9 @@ def history(out):
     return [tuple(h[k] for k in HISTORY) for h in metrics(out)["history"]]
 
 
-def interrupt_after_first_epoch(data, out, monkeypatch, *flags):
+def interrupt_after_first_epoch(data, out, monkeypatch, *flags, script=train_ultimus):
     with ctrl_c_in_second_epoch(monkeypatch):
-        assert train_ultimus.main(tiny(data, out, *flags)) == 130
+        assert script.main(tiny(data, out, *flags)) == 130
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
 
 
@@ -172,3 +173,25 @@ def test_a_checkpoint_from_before_crop_padding_resumes_with_the_crop_it_trained_
     assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
     assert metrics(resumed)["flags"]["crop_padding"] == 4 == RECIPES["ultimus"].predated["crop_padding"]
     assert history(resumed) == history(straight)
+
+
+def test_a_dilated_checkpoint_from_before_the_search_evaluates_and_resumes_as_it_trained(data, tmp_path, monkeypatch):
+    """The search moved C4 to 8x8 and weakened the augmentation. C4's size leaves every weight's
+    shape alone, so a checkpoint without --c4-size would load into the new net without an error
+    and score wrongly: it must be rebuilt, and resumed, with the values it trained with."""
+    before = RECIPES["dilated"].predated
+    flags = [f"--{dest.replace('_', '-')}={value}" for dest, value in before.items()]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_dilated.main(tiny(data, straight, *flags)) == 0
+    interrupt_after_first_epoch(data, resumed, monkeypatch, *flags, script=train_dilated)
+    for out in (straight, resumed):
+        old = load_checkpoint(out / "last.pt")
+        assert all(old["args"].pop(dest) == value for dest, value in before.items())
+        save_checkpoint(out / "last.pt", old)
+    assert train_dilated.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
+    assert history(resumed) == history(straight)
+    assert train_dilated.main(["--eval-only", "--resume", str(straight / "last.pt"), "--data", str(data), "--tta",
+                               "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    # the loss, not only the accuracy: a tiny net near chance can score the same with other weights
+    assert evaluated["test_loss"] == pytest.approx(metrics(straight)["history"][-1]["test_loss"], rel=1e-5)
