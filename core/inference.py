@@ -30,7 +30,8 @@ def load_trained(path, device="cpu", model_name=None):
         raise UserError(f"{path} holds a '{ckpt['model_name']}' model, which this version does not know")
     device = torch.device(device)
     classes = [str(c) for c in ckpt["classes"]]
-    model = make_model(recipe, ckpt["args"], classes, device)
+    flags = recipe.trained_flags(ckpt["args"])
+    model = make_model(recipe, flags, classes, device)
     weights = "ema" if ckpt.get("ema") is not None else "model"
     try:
         model.load_state_dict(ckpt[weights])
@@ -38,7 +39,7 @@ def load_trained(path, device="cpu", model_name=None):
         raise UserError(f"{path} does not fit the '{recipe.name}' model of this version "
                         f"({str(exc).splitlines()[0]})") from None
     return model.eval(), {"classes": classes, "mean": list(ckpt["mean"]), "std": list(ckpt["std"]),
-                          "recipe": recipe.name, "flags": dict(ckpt["args"]), "weights": weights}
+                          "recipe": recipe.name, "flags": flags, "weights": weights}
 
 
 def image_files(paths):

@@ -77,18 +77,22 @@ class Recipe:
     report: object = None
     report_name: str = ""
     # dest -> the value a checkpoint written before the flag existed trained with, where today's
-    # default differs, so that such a run resumes, and its model is rebuilt, as it started
+    # default differs, so that such a run resumes, and its model is rebuilt, as it started (trained_flags)
     predated: dict = field(default_factory=dict)
 
     @property
     def script(self):
         return f"train_{self.name}.py"
 
+    def trained_flags(self, saved):
+        """The flags a checkpoint trained with, out of the ``saved`` ones: a flag newer than the
+        checkpoint takes its predated value, where today's default differs from it."""
+        return {**self.predated, **saved}
+
     def model_kwargs(self, values):
         """The model's constructor keywords out of the flags (a dict such as vars(args))."""
-        # A checkpoint older than a flag lacks it: its predated value, else the constructor's
-        # default, rebuilds the model it trained.
-        return _flag_values(self.model_flags, {**self.predated, **values})
+        # A flag that a checkpoint's trained_flags still lack takes the constructor's default.
+        return _flag_values(self.model_flags, values)
 
     def augment_kwargs(self, values):
         """The augmentation's keywords out of the flags (a dict such as vars(args))."""

@@ -47,7 +47,7 @@ def run_training(recipe, args, command, given=frozenset()):
     if args.resume:
         ckpt = load_checkpoint(args.resume, recipe.name, purpose="resume")
         refuse_changed_flags(given, args, ckpt["args"], args.resume)
-        args = merge_resume_flags(args, {**recipe.predated, **ckpt["args"]})
+        args = merge_resume_flags(args, recipe.trained_flags(ckpt["args"]))
         validate(args)
     out = run_folder(recipe, args)
     check_run_folder(out, args, ckpt, recipe.script)
