@@ -135,7 +135,8 @@ def train(recipe, args, command, s, out, ckpt):
                 state["eval_seconds"] += time.perf_counter() - eval_start
                 if val is not None:
                     print(format_test_line(val, "Validation"))
-                print(format_test_line(ev))
+                if val is None or epoch == args.epochs:  # a search reads validation lines, not test ones
+                    print(format_test_line(ev))
             if args.no_progress or not sys.stderr.isatty():
                 print(f"  train: loss {tr['loss']:.4f}, accuracy {tr['acc']:.2f}%, {tr['seconds']:.1f}s")
             warmup = tr["first_step_s"] if epoch == first_epoch else 0.0

@@ -71,7 +71,10 @@ def test_a_run_scores_the_validation_split_every_epoch_and_chooses_best_by_it(da
     assert m["best_test_acc"] == best["test_acc"] and m["final_val_acc"] == m["history"][-1]["val_acc"]
     assert load_checkpoint(out / "best.pt", "ultimus", purpose="resume")["epoch"] == best["epoch"]
     assert "val_acc" in (out / "metrics.csv").read_text().splitlines()[0]
-    assert capsys.readouterr().out.count("Validation set: Average loss") == 4
+    log = capsys.readouterr().out
+    assert log.count("Validation set: Average loss") == 4
+    # the test split is scored every epoch (above) but printed after the last only
+    assert log.count("Test set: Average loss") == 1 and log.rindex("Test set") > log.rindex("EPOCH: 4")
 
 
 def test_without_a_validation_split_best_is_chosen_by_the_test_split(data, tmp_path):
