@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .augment import coarse_dropout, cutout, hflip, random_crop, shift_scale_rotate, to_gray
 from .flags import non_negative_float, non_negative_int, positive_float, positive_int, probability
-from .models.dilated import C4_SIZES
+from .models.dilated import ACTIVATIONS, C4_SIZES, SKIPS
 from .models.ultimus import INITS
 from .receptive_field import format_rf_table, receptive_field_table
 
@@ -147,6 +147,11 @@ RECIPES = {
             ("--c4-size", dict(type=int, choices=C4_SIZES, default=8, metavar="PIXELS",
                                help="side of C4's feature maps (4 or 8: C3 strides or not; the dilated variant "
                                     "dilates to match)")),
+            ("--skips", dict(type=int, choices=SKIPS, default=1, metavar="N",
+                             help="identity skips per block: 1 (around its second conv) or 2 (also around its third, "
+                                  "where that conv keeps the size); the same parameters")),
+            ("--activation", dict(choices=sorted(ACTIVATIONS), default="relu",
+                                  help="the nonlinearity after every BN")),
         ),
         augment_flags=(
             ("--rotate-limit", dict(type=non_negative_float, default=15.0, metavar="DEGREES",

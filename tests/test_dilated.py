@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from core.models import MODELS, build_model
-from core.models.dilated import DilatedNet
+from core.models.dilated import DilatedNet, Residual
 from core.receptive_field import receptive_field_table
 
 VARIANTS = ["strided", "dilated"]
@@ -86,3 +86,39 @@ def test_rejects_unknown_downsample_and_c4_size():
         DilatedNet(downsample="pooled")
     with pytest.raises(ValueError):
         DilatedNet(c4_size=2)
+
+
+@pytest.mark.parametrize("downsample", VARIANTS)
+@pytest.mark.parametrize("c4_size", C4_SIZES)
+def test_second_skip_wraps_every_third_conv_that_keeps_the_size(downsample, c4_size):
+    one = DilatedNet(downsample=downsample, c4_size=c4_size, skips=1)
+    two = DilatedNet(downsample=downsample, c4_size=c4_size, skips=2)
+    assert n_params(one) == n_params(two)
+    for block in two.blocks:
+        third = block[2]
+        keeps_size = all(c.stride[0] == 1 for c in convs(third))
+        assert isinstance(third, Residual) == keeps_size
+    same_size = sum(isinstance(b[2], Residual) for b in two.blocks)
+    assert same_size == {"dilated": 4, "strided": {4: 1, 8: 2}[c4_size]}[downsample]
+    # the skip adds the input to what the conv computes
+    two.eval()
+    x = torch.randn(2, 144, 8, 8)
+    last = two.blocks[-1][2]
+    assert torch.allclose(last(x), x + last.body(x))
+    # and the receptive fields, the assignment's rule, are the same
+    assert [r["rout"] for r in receptive_field_table(one)] == [r["rout"] for r in receptive_field_table(two)]
+
+
+def test_silu_swaps_every_relu():
+    relu, silu = DilatedNet(), DilatedNet(activation="silu")
+    count = sum(isinstance(m, nn.ReLU) for m in relu.modules())
+    assert count == sum(isinstance(m, nn.SiLU) for m in silu.modules()) > 0
+    assert not any(isinstance(m, nn.ReLU) for m in silu.modules())
+    assert n_params(relu) == n_params(silu)
+
+
+def test_rejects_unknown_skips_and_activation():
+    with pytest.raises(ValueError):
+        DilatedNet(skips=3)
+    with pytest.raises(ValueError):
+        DilatedNet(activation="tanh")

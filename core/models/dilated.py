@@ -9,32 +9,36 @@ dropped, which leaves the receptive field of every unit as it was (Yu et al.'s d
 networks). C1's residual conv is dilated in both variants. Wide layers use depthwise-separable
 convs, whose parameters grow with c_in + c_out rather than c_in * c_out, to afford their widths.
 
-Every conv is followed by BN and ReLU. Dropout defaults to off: the assignment's augmentations
-already regularize a net of this size so hard that it tends to underfit.
+Every conv is followed by BN and ReLU (or SiLU, ``activation``). Dropout defaults to off: the
+assignment's augmentations already regularize a net of this size so hard that it tends to
+underfit. ``skips`` 2 also wraps each block's third conv in an identity skip wherever that conv
+keeps the size: a deeper residual path for the same parameters.
 """
 
 from torch import nn
 
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
-def bn_relu(c, dropout):
-    layers = [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+
+def bn_act(c, dropout, activation):
+    layers = [nn.BatchNorm2d(c), ACTIVATIONS[activation](inplace=True)]
     return layers + [nn.Dropout(dropout)] if dropout else layers
 
 
-def conv(c_in, c_out, stride=1, dilation=1, dropout=0.0):
-    """3x3 conv, BN, ReLU; the padding keeps the size at stride 1."""
+def conv(c_in, c_out, stride=1, dilation=1, dropout=0.0, activation="relu"):
+    """3x3 conv, BN, activation; the padding keeps the size at stride 1."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, stride, padding=dilation, dilation=dilation, bias=False),
-        *bn_relu(c_out, dropout))
+        *bn_act(c_out, dropout, activation))
 
 
-def separable(c_in, c_out, stride=1, dilation=1, dropout=0.0):
-    """Depthwise 3x3 conv (one filter per channel), pointwise 1x1 conv, BN, ReLU."""
+def separable(c_in, c_out, stride=1, dilation=1, dropout=0.0, activation="relu"):
+    """Depthwise 3x3 conv (one filter per channel), pointwise 1x1 conv, BN, activation."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_in, 3, stride, padding=dilation, dilation=dilation, groups=c_in,
                   bias=False),
         nn.Conv2d(c_in, c_out, 1, bias=False),
-        *bn_relu(c_out, dropout))
+        *bn_act(c_out, dropout, activation))
 
 
 class Residual(nn.Module):
@@ -50,16 +54,19 @@ class Residual(nn.Module):
 UNITS = ((conv, conv, conv), (conv, conv, separable), (separable,) * 3, (separable,) * 3)
 
 
-def block(c_in, c_out, units, stride, dilation, inner_dilation, dropout):
-    """A conv to c_out, a residual conv, then the conv that strides (or, at stride 1, does not)."""
+def block(c_in, c_out, units, stride, dilation, inner_dilation, unit_kwargs, skips):
+    """A conv to c_out, a residual conv, then the conv that strides (or, at stride 1, does not;
+    with ``skips`` 2 it is then residual too)."""
     first, second, third = units
+    last = third(c_out, c_out, stride, dilation=dilation, **unit_kwargs)
     return nn.Sequential(
-        first(c_in, c_out, dilation=dilation, dropout=dropout),
-        Residual(second(c_out, c_out, dilation=dilation * inner_dilation, dropout=dropout)),
-        third(c_out, c_out, stride, dilation=dilation, dropout=dropout))
+        first(c_in, c_out, dilation=dilation, **unit_kwargs),
+        Residual(second(c_out, c_out, dilation=dilation * inner_dilation, **unit_kwargs)),
+        Residual(last) if skips == 2 and stride == 1 else last)
 
 
 C4_SIZES = (4, 8)
+SKIPS = (1, 2)
 
 
 class DilatedNet(nn.Module):
@@ -67,15 +74,22 @@ class DilatedNet(nn.Module):
     ``downsample``: 'strided' (32 -> 16 -> 8 -> ``c4_size`` pixels) or 'dilated' (32x32
     throughout, with the dilations of the strided net's sizes). ``c4_size`` 8 drops C3's stride:
     C4 then sees four times as many positions for the same parameters.
+    ``skips``: identity skips per block, 1 (around the second conv) or 2 (and around the third
+    where it keeps the size). ``activation``: 'relu' or 'silu' after every BN.
     ``fc``: GAP then a linear layer, else a 1x1 conv to the classes then GAP. No softmax."""
 
     def __init__(self, num_classes=10, width=32, downsample="strided", c4_size=8, fc=True,
-                 dropout=0.0):
+                 dropout=0.0, skips=1, activation="relu"):
         super().__init__()
         if downsample not in ("strided", "dilated"):
             raise ValueError(f"downsample must be 'strided' or 'dilated', not {downsample!r}")
         if c4_size not in C4_SIZES:
             raise ValueError(f"c4_size must be one of {C4_SIZES}, not {c4_size!r}")
+        if skips not in SKIPS:
+            raise ValueError(f"skips must be one of {SKIPS}, not {skips!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, not {activation!r}")
+        unit_kwargs = dict(dropout=dropout, activation=activation)
         widths = (width, 2 * width, 4 * width, 9 * width // 2)
         strided = downsample == "strided"
         halvings = 3 if c4_size == 4 else 2  # of 32x32, each by one block's last conv
@@ -84,7 +98,7 @@ class DilatedNet(nn.Module):
             stride = 2 if strided and i < halvings else 1
             dilation = 1 if strided else 2**min(i, halvings)
             inner_dilation = 2 if i == 0 else 1
-            blocks.append(block(c_in, c_out, units, stride, dilation, inner_dilation, dropout))
+            blocks.append(block(c_in, c_out, units, stride, dilation, inner_dilation, unit_kwargs, skips))
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         if fc:
