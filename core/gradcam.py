@@ -19,8 +19,8 @@ def default_cam_layer(model):
     """The last layer whose output is still a spatial map, which Grad-CAM reads by default:
 
     * the ResNet: ``layer3``, its residual block's sum, a 4x4 map of 512 channels;
-    * the dilated net: ``blocks``, the last block's output before the GAP (4x4 strided,
-      32x32 with ``--downsample dilated``);
+    * the dilated net: ``blocks``, the last block's output before the GAP (``--c4-size`` pixels
+      strided, 32x32 with ``--downsample dilated``);
     * Ultimus: ``conv3``, 48 channels at 26x26 before the GAP (its ReLU is functional, so the
       map is read before it; the ReLU on the final map keeps only positive evidence anyway).
     """

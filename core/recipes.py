@@ -145,8 +145,8 @@ RECIPES = {
                                   help="downsample with stride-2 convs, or keep 32x32 and grow dilations")),
             ("--width", dict(type=positive_int, default=32, help="channel width of the first block")),
             ("--c4-size", dict(type=int, choices=C4_SIZES, default=8, metavar="PIXELS",
-                               help="side of C4's feature maps (4 or 8: C3 strides or not; the dilated variant "
-                                    "dilates to match)")),
+                               help="side of C4's feature maps: 4 (C1-C3 stride), 8 (C1 and C2 do) or 16 (C1 alone); "
+                                    "the dilated variant dilates to match")),
             ("--skips", dict(type=int, choices=SKIPS, default=1, metavar="N",
                              help="identity skips per block: 1 (around its second conv) or 2 (also around its third, "
                                   "where that conv keeps the size); the same parameters")),

@@ -7,7 +7,7 @@ from core.models.dilated import DilatedNet, Residual
 from core.receptive_field import receptive_field_table
 
 VARIANTS = ["strided", "dilated"]
-C4_SIZES = [4, 8]
+C4_SIZES = [4, 8, 16]
 
 
 def convs(model):
@@ -51,7 +51,7 @@ def test_has_depthwise_separable_conv(downsample):
 def test_only_the_strided_variant_downsamples(c4_size):
     strided = DilatedNet(downsample="strided", c4_size=c4_size)
     dilated = DilatedNet(downsample="dilated", c4_size=c4_size)
-    assert sum(c.stride[0] == 2 for c in convs(strided)) == {4: 3, 8: 2}[c4_size]
+    assert sum(c.stride[0] == 2 for c in convs(strided)) == {4: 3, 8: 2, 16: 1}[c4_size]
     assert strided.blocks(torch.randn(1, 3, 32, 32)).shape[-2:] == (c4_size, c4_size)
     assert dilated.blocks(torch.randn(1, 3, 32, 32)).shape[-2:] == (32, 32)
     assert all(c.stride[0] == 1 for c in convs(dilated))
@@ -99,7 +99,7 @@ def test_second_skip_wraps_every_third_conv_that_keeps_the_size(downsample, c4_s
         keeps_size = all(c.stride[0] == 1 for c in convs(third))
         assert isinstance(third, Residual) == keeps_size
     same_size = sum(isinstance(b[2], Residual) for b in two.blocks)
-    assert same_size == {"dilated": 4, "strided": {4: 1, 8: 2}[c4_size]}[downsample]
+    assert same_size == {"dilated": 4, "strided": {4: 1, 8: 2, 16: 3}[c4_size]}[downsample]
     # the skip adds the input to what the conv computes
     two.eval()
     x = torch.randn(2, 144, 8, 8)

@@ -65,7 +65,7 @@ def block(c_in, c_out, units, stride, dilation, inner_dilation, unit_kwargs, ski
         Residual(last) if skips == 2 and stride == 1 else last)
 
 
-C4_SIZES = (4, 8)
+C4_SIZES = (4, 8, 16)
 SKIPS = (1, 2)
 
 
@@ -73,7 +73,7 @@ class DilatedNet(nn.Module):
     """``width`` sets the blocks' channels to (1, 2, 4, 4.5) times it: 190k parameters at 32.
     ``downsample``: 'strided' (32 -> 16 -> 8 -> ``c4_size`` pixels) or 'dilated' (32x32
     throughout, with the dilations of the strided net's sizes). ``c4_size`` 8 drops C3's stride:
-    C4 then sees four times as many positions for the same parameters.
+    C4 then sees four times as many positions for the same parameters; 16 drops C2's too.
     ``skips``: identity skips per block, 1 (around the second conv) or 2 (and around the third
     where it keeps the size). ``activation``: 'relu' or 'silu' after every BN.
     ``fc``: GAP then a linear layer, else a 1x1 conv to the classes then GAP. No softmax."""
@@ -92,7 +92,7 @@ class DilatedNet(nn.Module):
         unit_kwargs = dict(dropout=dropout, activation=activation)
         widths = (width, 2 * width, 4 * width, 9 * width // 2)
         strided = downsample == "strided"
-        halvings = 3 if c4_size == 4 else 2  # of 32x32, each by one block's last conv
+        halvings = {4: 3, 8: 2, 16: 1}[c4_size]  # of 32x32, each by one block's last conv
         blocks, c_in = [], 3
         for i, (c_out, units) in enumerate(zip(widths, UNITS)):
             stride = 2 if strided and i < halvings else 1
