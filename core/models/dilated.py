@@ -65,7 +65,9 @@ def block(c_in, c_out, units, stride, dilation, inner_dilation, unit_kwargs, ski
         Residual(last) if skips == 2 and stride == 1 else last)
 
 
-C4_SIZES = (4, 8, 16)
+# C4's side -> how many times the blocks halve the 32x32 input, each by one block's last conv
+HALVINGS = {4: 3, 8: 2, 16: 1}
+C4_SIZES = tuple(HALVINGS)
 SKIPS = (1, 2)
 
 
@@ -92,7 +94,7 @@ class DilatedNet(nn.Module):
         unit_kwargs = dict(dropout=dropout, activation=activation)
         widths = (width, 2 * width, 4 * width, 9 * width // 2)
         strided = downsample == "strided"
-        halvings = {4: 3, 8: 2, 16: 1}[c4_size]  # of 32x32, each by one block's last conv
+        halvings = HALVINGS[c4_size]
         blocks, c_in = [], 3
         for i, (c_out, units) in enumerate(zip(widths, UNITS)):
             stride = 2 if strided and i < halvings else 1
