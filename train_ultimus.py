@@ -2,6 +2,7 @@
 
     python train_ultimus.py              # the exact architecture of the assignment
     python train_ultimus.py --residual   # variant: a skip connection around each block
+    python train_ultimus.py --preset residual   # the variant with its own recipe (docs/results.md)
 """
 
 import sys

@@ -185,6 +185,9 @@ RECIPES = {
             ("--crop-padding", dict(type=int, choices=range(9), default=0, metavar="PIXELS",
                                     help="reflect padding of the random crop (0-8; 0: no crop, flips only)")),
         ),
+        # residual: the --residual variant's own recipe, chosen on validation data
+        # (docs/results.md#ultimus-with---residual); the exact net collapses at this peak LR
+        presets={"residual": dict(residual=True, init="kaiming", lr_max=0.02, lr_min=0.002)},
         predated={"crop_padding": 4},
     ),
 }

@@ -408,9 +408,9 @@ def test_frozen_bn_scales_and_bias_lr_scale(data, full_run, tmp_path):
     assert metrics(out)["history"][0]["train_loss"] != metrics(full_run)["history"][0]["train_loss"]
 
 
-@pytest.mark.parametrize("name", ["tricks", "best"])
-def test_preset_sets_its_flags_and_explicit_flags_win(name):
-    recipe = RECIPES["resnet"]
+@pytest.mark.parametrize("recipe_name,name", [(r, p) for r in sorted(RECIPES) for p in sorted(RECIPES[r].presets)])
+def test_preset_sets_its_flags_and_leaves_the_rest(recipe_name, name):
+    recipe = RECIPES[recipe_name]
     preset = recipe.presets[name]
     plain = vars(build_train_parser(recipe).parse_args([]))
     assert all(dest in plain and plain[dest] != value for dest, value in preset.items()), "a preset must change real flags"
@@ -418,8 +418,14 @@ def test_preset_sets_its_flags_and_explicit_flags_win(name):
     assert {dest: chosen[dest] for dest in preset} == preset
     assert {k: v for k, v in chosen.items() if k not in preset and k != "preset"} == \
         {k: v for k, v in plain.items() if k not in preset and k != "preset"}
-    mixed = build_train_parser(recipe).parse_args(["--ghost-batch", "16", "--preset", name, "--celu-alpha", "0"])
-    assert (mixed.ghost_batch, mixed.celu_alpha, mixed.whiten, mixed.bias_lr_scale) == (16, 0.0, True, 64.0)
+
+
+def test_explicit_flags_win_over_a_preset():
+    for name in ("tricks", "best"):
+        mixed = build_train_parser(RECIPES["resnet"]).parse_args(["--ghost-batch", "16", "--preset", name, "--celu-alpha", "0"])
+        assert (mixed.ghost_batch, mixed.celu_alpha, mixed.whiten, mixed.bias_lr_scale) == (16, 0.0, True, 64.0)
+    mixed = build_train_parser(RECIPES["ultimus"]).parse_args(["--preset", "residual", "--lr-max", "0.01"])
+    assert (mixed.residual, mixed.init, mixed.lr_max, mixed.lr_min) == (True, "kaiming", 0.01, 0.002)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
