@@ -186,7 +186,8 @@ RECIPES = {
                                     help="reflect padding of the random crop (0-8; 0: no crop, flips only)")),
         ),
         # residual: the --residual variant's own recipe, chosen on validation data
-        # (docs/results.md#ultimus-with---residual); the exact net collapses at this peak LR
+        # (docs/results.md#ultimus-with---residual); the exact net's own search chose a peak of
+        # 0.01 and collapsed at 0.03, so the defaults stay its recipe
         presets={"residual": dict(residual=True, init="kaiming", lr_max=0.02, lr_min=0.002)},
         predated={"crop_padding": 4},
     ),
