@@ -392,6 +392,16 @@ def test_adam_default_stays_well_below_a_late_steepest_reading_like_seed_000():
     assert bounds["lr_max"] <= bottom / 10 < steepest
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_default_anneals_three_decades_below_its_cautious_peak(optimizer):
+    """Adam keeps the cautious peak but, like SGD, ends the one-cycle a thousandth of it: a floor
+    a tenth of the peak left no final annealing and underfit by 5 points on validation."""
+    lrs, losses = seed_000_like_curve()
+    bounds = suggest_bounds(lrs, losses, optimizer)
+    assert bounds["lr_max"] == suggest(lrs, losses, "conservative")
+    assert bounds["lr_min"] == pytest.approx(bounds["lr_max"] / 1000) and bounds["lr_min_method"] == "lr_max/1000"
+
+
 def test_sgd_default_keeps_a_factor_two_from_the_minimum_and_warms_up_from_far_below():
     """On the same curve the SGD peak is half the minimum's LR, and the one-cycle starts three
     decades lower: far below seed 000's first-epoch LR (a tenth of its reading)."""

@@ -44,8 +44,8 @@ def test_range_test_cli_writes_a_geometric_sweep_and_bounds(data, tmp_path, caps
 
 
 @pytest.mark.parametrize("extra, method, lr_min_method", [
-    (["--optimizer", "adam"], "conservative", "lr_max/10"),
-    (["--optimizer", "adam", "--method", "steepest"], "steepest", "lr_max/10"),
+    (["--optimizer", "adam"], "conservative", "lr_max/1000"),
+    (["--optimizer", "adam", "--method", "steepest"], "steepest", "lr_max/1000"),
 ])
 def test_range_test_reads_by_the_optimizer_unless_told(data, tmp_path, extra, method, lr_min_method):
     args = ["--model", "resnet", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "12", *extra]
