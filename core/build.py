@@ -167,6 +167,7 @@ class Setup:
         if self.val is not None:
             self.val_loader = plain_batches(args, self.val, self.device, self.mean, self.std)
         # The LR here is a placeholder: the schedule (or the range test) sets it every step.
-        self.optimizer = make_optimizer(args.optimizer, self.model, 0.0, args.weight_decay,
+        self.weight_decay = recipe.weight_decay_for(vars(args))
+        self.optimizer = make_optimizer(args.optimizer, self.model, 0.0, self.weight_decay,
                                         args.bias_lr_scale, fused=fused_on(self.device))
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)

@@ -117,7 +117,9 @@ def build_train_parser(recipe):
     g.add_argument("--cycle-momentum", action=argparse.BooleanOptionalAction,
                    help="run the momentum (Adam: beta1) 0.95 -> 0.85 -> 0.95 against the LR; "
                         "--no-cycle-momentum keeps it at 0.9")
-    g.add_argument("--weight-decay", type=non_negative_float, help="L2 weight decay")
+    g.add_argument("--weight-decay", type=non_negative_float,
+                   help="weight decay (SGD, AdamW) or L2 (Adam); default, by --optimizer: "
+                        + ", ".join(f"{name} {value:g}" for name, value in recipe.weight_decay.items()))
     g.add_argument("--bias-lr-scale", type=positive_float, default=1.0, metavar="K",
                    help="train biases (BN shifts, the FC bias) at K times the LR with weight decay / K "
                         "(Page's bag of tricks: 64)")

@@ -79,7 +79,7 @@ def sweep(recipe, args, train_args, out):
     # Every flag that changed the reading, so the run trains as the sweep did.
     command = ["python", recipe.script, "--lr-max", f"{record['lr_max']:.4g}", "--lr-min", f"{record['lr_min']:.4g}",
                "--optimizer", train_args.optimizer, "--batch-size", str(train_args.batch_size),
-               "--weight-decay", f"{train_args.weight_decay:g}"]
+               "--weight-decay", f"{s.weight_decay:g}"]
     if args.data:
         command += ["--data", args.data]
     if args.train_subset:

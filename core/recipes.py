@@ -79,6 +79,10 @@ class Recipe:
     # dest -> the value a checkpoint written before the flag existed trained with, where today's
     # default differs, so that such a run resumes, and its model is rebuilt, as it started (trained_flags)
     predated: dict = field(default_factory=dict)
+    # --optimizer -> the weight decay it trains with unless --weight-decay is given: SGD's decay,
+    # Adam's L2 (divided by each weight's gradient scale) and AdamW's decoupled decay (multiplied by
+    # the LR) act at scales orders of magnitude apart, so one number cannot serve all three.
+    weight_decay: dict = field(default_factory=dict)
 
     @property
     def script(self):
@@ -88,6 +92,12 @@ class Recipe:
         """The flags a checkpoint trained with, out of the ``saved`` ones: a flag newer than the
         checkpoint takes its predated value, where today's default differs from it."""
         return {**self.predated, **saved}
+
+    def weight_decay_for(self, flags):
+        """--weight-decay where ``flags`` (a dict such as vars(args)) give it, else the default for
+        their --optimizer."""
+        given = flags.get("weight_decay")
+        return self.weight_decay[flags["optimizer"]] if given is None else given
 
     def model_kwargs(self, values):
         """The model's constructor keywords out of the flags (a dict such as vars(args))."""
@@ -109,7 +119,7 @@ RECIPES = {
         "resnet", resnet_augment,
         "Train the custom ResNet (Page's ResNet-9 layout) on CIFAR-10 with a one-cycle policy.",
         dict(epochs=24, batch_size=512, lr_max=0.4, lr_min=0.0004, optimizer="sgd", cycle_momentum=False,
-             weight_decay=5e-4, label_smoothing=0.2, tta=True),
+             label_smoothing=0.2, tta=True),
         model_flags=(
             ("--ghost-batch", dict(type=non_negative_int, default=0, metavar="N",
                                    help="BN statistics over slices of N images while training (0: the whole batch)")),
@@ -134,12 +144,14 @@ RECIPES = {
         # remaining items of his code and airbench's, the highest mean measured here (docs/results.md).
         presets={"tricks": TRICKS,
                  "best": dict(**TRICKS, ema_decay=0.99, flip="alternating", logit_scale=0.0625, tta_shift=2)},
+        # Adam, AdamW: the validation search of issue 37 (docs/lr_finder.md#the-adam-assignments-recipe-issue-37)
+        weight_decay={"sgd": 5e-4, "adam": 0.0, "adamw": 0.05},
     ),
     "dilated": Recipe(
         "dilated", dilated_augment,
         "Train the C1C2C3C4O net (dilated and depthwise-separable convs, no max-pooling, <200k params).",
         dict(epochs=50, batch_size=256, lr_max=0.2, lr_min=0.0002, optimizer="sgd", cycle_momentum=False,
-             weight_decay=5e-4, label_smoothing=0.1, tta=True),
+             label_smoothing=0.1, tta=True),
         model_flags=(
             ("--downsample", dict(choices=["strided", "dilated"], default="strided",
                                   help="downsample with stride-2 convs, or keep 32x32 and grow dilations")),
@@ -166,6 +178,7 @@ RECIPES = {
         report=receptive_field_report, report_name="receptive_field",
         # C4 at 8x8 and milder augmentation: the validation search's choice (docs/results.md#the-dilated-net)
         predated={"c4_size": 4, "ssr_p": 0.5, "dropout_p": 0.5, "gray_p": 0.2},
+        weight_decay=dict.fromkeys(("sgd", "adam", "adamw"), 5e-4),  # only SGD's searched
     ),
     "ultimus": Recipe(
         "ultimus", flip_crop_augment,
@@ -173,7 +186,7 @@ RECIPES = {
         # chosen on validation data (docs/results.md#ultimus-the-exact-architecture): a peak LR
         # above the range test's conservative 0.003, and flips without crops for a net that underfits
         dict(epochs=24, batch_size=512, lr_max=0.01, lr_min=0.001, optimizer="adam", cycle_momentum=True,
-             weight_decay=0.0, label_smoothing=0.0, tta=False),
+             label_smoothing=0.0, tta=False),
         model_flags=(
             ("--residual", dict(action="store_true",
                                 help="variant: a skip connection around each Ultimus block (default: exact architecture)")),
@@ -190,5 +203,6 @@ RECIPES = {
         # 0.01 and collapsed at 0.03, so the defaults stay its recipe
         presets={"residual": dict(residual=True, init="kaiming", lr_max=0.02, lr_min=0.002)},
         predated={"crop_padding": 4},
+        weight_decay=dict.fromkeys(("sgd", "adam", "adamw"), 0.0),  # an underfitting net: none
     ),
 }

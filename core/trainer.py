@@ -109,8 +109,10 @@ def train(recipe, args, command, s, out, ckpt):
         return evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=keep_predictions,
                         tta=args.tta, tta_shift=args.tta_shift, pad_to=pad_to), val
 
+    # weight_decay: the one trained with (a resume restores it with the optimizer's state)
     info = {"model": recipe.name, "flags": plain_flags(args), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
-            "lr_source": bounds.source, "peak_epoch": peak_epoch(args), "params": s.params,
+            "lr_source": bounds.source, "peak_epoch": peak_epoch(args),
+            "weight_decay": optimizer.param_groups[0]["weight_decay"], "params": s.params,
             "device": describe_device(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "train_images": len(s.train.labels), "val_images": len(s.val.labels) if s.val is not None else 0,
             "test_images": len(s.test.labels), "best_by": best_by, "data_load_s": s.data_load_s}

@@ -12,6 +12,7 @@ import torch
 
 import train_resnet
 from core import trainer
+from core.build import OPTIMIZERS
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.cli import build_train_parser
 from core.models import MODELS
@@ -391,6 +392,28 @@ def test_real_process_exits_non_zero_without_a_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: data path") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_each_optimizer_has_its_own_default_weight_decay_unless_one_is_given():
+    """SGD's decay means other things to Adam (L2, divided by each weight's gradient scale) and
+    AdamW (decoupled, multiplied by the LR), so each has a default of its own in every recipe."""
+    for recipe in RECIPES.values():
+        assert set(recipe.weight_decay) == set(OPTIMIZERS)
+        for optimizer in OPTIMIZERS:
+            parse = build_train_parser(recipe).parse_args
+            assert recipe.weight_decay_for(vars(parse(["--optimizer", optimizer]))) == recipe.weight_decay[optimizer]
+            given = parse(["--optimizer", optimizer, "--weight-decay", "0.003"])
+            assert recipe.weight_decay_for(vars(given)) == 0.003
+    resnet = RECIPES["resnet"].weight_decay
+    assert resnet["adam"] != resnet["sgd"] != resnet["adamw"]
+
+
+def test_a_run_trains_with_its_optimizers_weight_decay_and_records_it(data, tmp_path):
+    out = tmp_path / "adamw"
+    assert train_resnet.main(tiny(data, out, "--optimizer", "adamw", "--epochs", "2")) == 0
+    expected = RECIPES["resnet"].weight_decay["adamw"]
+    assert load_checkpoint(out / "last.pt", "resnet")["optimizer"]["param_groups"][0]["weight_decay"] == expected
+    assert metrics(out)["weight_decay"] == expected
 
 
 def test_frozen_bn_scales_and_bias_lr_scale(data, full_run, tmp_path):
