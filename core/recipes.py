@@ -156,7 +156,7 @@ RECIPES = {
             ("--downsample", dict(choices=["strided", "dilated"], default="strided",
                                   help="downsample with stride-2 convs, or keep 32x32 and grow dilations")),
             ("--width", dict(type=positive_int, default=32, help="channel width of the first block")),
-            ("--c4-size", dict(type=int, choices=C4_SIZES, default=8, metavar="PIXELS",
+            ("--c4-size", dict(type=int, choices=C4_SIZES, default=16, metavar="PIXELS",
                                help="side of C4's feature maps: 4 (C1-C3 stride), 8 (C1 and C2 do) or 16 (C1 alone); "
                                     "the dilated variant dilates to match")),
             ("--skips", dict(type=int, choices=SKIPS, default=1, metavar="N",
@@ -176,7 +176,8 @@ RECIPES = {
                               help="probability of turning an image gray")),
         ),
         report=receptive_field_report, report_name="receptive_field",
-        # C4 at 8x8 and milder augmentation: the validation search's choice (docs/results.md#the-dilated-net)
+        # C2-C4 at 16x16 and milder augmentation: the validation searches' choice
+        # (docs/results.md#the-dilated-net); checkpoints since --c4-size record theirs
         predated={"c4_size": 4, "ssr_p": 0.5, "dropout_p": 0.5, "gray_p": 0.2},
         weight_decay=dict.fromkeys(("sgd", "adam", "adamw"), 5e-4),  # only SGD's searched
     ),
