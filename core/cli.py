@@ -137,7 +137,7 @@ def build_train_parser(recipe):
         g.add_argument("--preset", choices=sorted(recipe.presets), default=None,
                        help="start from a named set of flag values; flags given explicitly override it. " +
                             "; ".join(f"{name}: {format_preset(values)}" for name, values in sorted(recipe.presets.items())))
-    for title, flags in (("augmentation", recipe.augment_flags), ("model", recipe.model_flags)):
+    for title, flags in recipe.flag_groups():
         if flags:
             g = p.add_argument_group(title)
             for flag, kwargs in flags:

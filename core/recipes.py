@@ -3,10 +3,12 @@
 Everything else (data, engine, outputs, CLI flags) is shared, so a script is a recipe name.
 """
 
+import inspect
 from dataclasses import dataclass, field
 
 from .augment import coarse_dropout, cutout, hflip, random_crop, shift_scale_rotate, to_gray
 from .flags import non_negative_float, non_negative_int, positive_float, positive_int, probability
+from .models import MODELS
 from .models.dilated import ACTIVATIONS, C4_SIZES, SKIPS
 from .models.ultimus import INITS
 from .receptive_field import format_rf_table, receptive_field_table
@@ -67,9 +69,10 @@ class Recipe:
     augment: object  # pipeline(x, generator, mean, std, flip) on a normalized batch (see above)
     description: str
     defaults: dict = field(default_factory=dict)
-    # (flag, argparse keywords): each flag's dest is a keyword of the model's constructor.
+    # (flag, argparse keywords): each flag's dest is a keyword of the model's constructor, whose
+    # default is the flag's (flag_groups), so the script and the Python API cannot drift apart.
     model_flags: tuple = ()
-    # (flag, argparse keywords): each flag's dest is a keyword of ``augment``.
+    # (flag, argparse keywords): each flag's dest is a keyword of ``augment``, likewise.
     augment_flags: tuple = ()
     # name -> {dest: value}: a measured set of flag values that --preset NAME applies at once
     presets: dict = field(default_factory=dict)
@@ -99,6 +102,14 @@ class Recipe:
         given = flags.get("weight_decay")
         return self.weight_decay[flags["optimizer"]] if given is None else given
 
+    def flag_groups(self):
+        """(title, [(flag, argparse keywords)]) for the augmentation's and the model's own flags,
+        each defaulting to the keyword default of the function it feeds."""
+        for title, flags, target in (("augmentation", self.augment_flags, self.augment),
+                                     ("model", self.model_flags, MODELS[self.name])):
+            defaults = {name: param.default for name, param in inspect.signature(target).parameters.items()}
+            yield title, [(flag, dict(kwargs, default=defaults[_dest(flag)])) for flag, kwargs in flags]
+
     def model_kwargs(self, values):
         """The model's constructor keywords out of the flags (a dict such as vars(args))."""
         # A flag that a checkpoint's trained_flags still lack takes the constructor's default.
@@ -109,8 +120,12 @@ class Recipe:
         return _flag_values(self.augment_flags, values)
 
 
+def _dest(flag):
+    return flag.lstrip("-").replace("-", "_")
+
+
 def _flag_values(flags, values):
-    dests = (flag.lstrip("-").replace("-", "_") for flag, _ in flags)
+    dests = (_dest(flag) for flag, _ in flags)
     return {d: values[d] for d in dests if d in values}
 
 
@@ -121,22 +136,22 @@ RECIPES = {
         dict(epochs=24, batch_size=512, lr_max=0.4, lr_min=0.0004, optimizer="sgd", cycle_momentum=False,
              label_smoothing=0.2, tta=True),
         model_flags=(
-            ("--ghost-batch", dict(type=non_negative_int, default=0, metavar="N",
+            ("--ghost-batch", dict(type=non_negative_int, metavar="N",
                                    help="BN statistics over slices of N images while training (0: the whole batch)")),
             ("--whiten", dict(action="store_true",
                               help="the prep conv learns in a whitened basis of 3x3 patches, fitted to the training "
                                    "images (same conv and parameter count, preconditioned)")),
             ("--freeze-bn-scale", dict(action="store_true",
                                        help="keep every BN scale at 1 instead of training it (Page's bag of tricks)")),
-            ("--celu-alpha", dict(type=non_negative_float, default=0.0, metavar="ALPHA",
+            ("--celu-alpha", dict(type=non_negative_float, metavar="ALPHA",
                                   help="variant: CELU(ALPHA) instead of every ReLU (Page's bag of tricks: 0.3); "
                                        "0 keeps the spec's ReLU")),
-            ("--logit-scale", dict(type=positive_float, default=0.125, metavar="S",
+            ("--logit-scale", dict(type=positive_float, metavar="S",
                                    help="multiply the logits by S (Page: 0.125 for the plain net, 1/16 = 0.0625 in "
                                         "his bag of tricks, whose BN scales stay frozen at 1)")),
         ),
         augment_flags=(
-            ("--cutout-size", dict(type=int, choices=range(33), default=8, metavar="PIXELS",
+            ("--cutout-size", dict(type=int, choices=range(33), metavar="PIXELS",
                                    help="side of the square that cutout blanks in every training image (0-32; "
                                         "0: no cutout)")),
         ),
@@ -153,26 +168,26 @@ RECIPES = {
         dict(epochs=50, batch_size=256, lr_max=0.2, lr_min=0.0002, optimizer="sgd", cycle_momentum=False,
              label_smoothing=0.1, tta=True),
         model_flags=(
-            ("--downsample", dict(choices=["strided", "dilated"], default="strided",
+            ("--downsample", dict(choices=["strided", "dilated"],
                                   help="downsample with stride-2 convs, or keep 32x32 and grow dilations")),
-            ("--width", dict(type=positive_int, default=32, help="channel width of the first block")),
-            ("--c4-size", dict(type=int, choices=C4_SIZES, default=16, metavar="PIXELS",
+            ("--width", dict(type=positive_int, help="channel width of the first block")),
+            ("--c4-size", dict(type=int, choices=C4_SIZES, metavar="PIXELS",
                                help="side of C4's feature maps: 4 (C1-C3 stride), 8 (C1 and C2 do) or 16 (C1 alone); "
                                     "the dilated variant dilates to match")),
-            ("--skips", dict(type=int, choices=SKIPS, default=1, metavar="N",
+            ("--skips", dict(type=int, choices=SKIPS, metavar="N",
                              help="identity skips per block: 1 (around its second conv) or 2 (also around its third, "
                                   "where that conv keeps the size); the same parameters")),
-            ("--activation", dict(choices=sorted(ACTIVATIONS), default="relu",
+            ("--activation", dict(choices=sorted(ACTIVATIONS),
                                   help="the nonlinearity after every BN")),
         ),
         augment_flags=(
-            ("--rotate-limit", dict(type=non_negative_float, default=15.0, metavar="DEGREES",
+            ("--rotate-limit", dict(type=non_negative_float, metavar="DEGREES",
                                     help="shift-scale-rotate turns by up to this many degrees (albumentations: 45)")),
-            ("--ssr-p", dict(type=probability, default=0.3, metavar="P",
+            ("--ssr-p", dict(type=probability, metavar="P",
                              help="probability of shift-scale-rotate per image")),
-            ("--dropout-p", dict(type=probability, default=0.3, metavar="P",
+            ("--dropout-p", dict(type=probability, metavar="P",
                                  help="probability of the 16x16 coarse dropout hole per image")),
-            ("--gray-p", dict(type=probability, default=0.1, metavar="P",
+            ("--gray-p", dict(type=probability, metavar="P",
                               help="probability of turning an image gray")),
         ),
         report=receptive_field_report, report_name="receptive_field",
@@ -191,12 +206,12 @@ RECIPES = {
         model_flags=(
             ("--residual", dict(action="store_true",
                                 help="variant: a skip connection around each Ultimus block (default: exact architecture)")),
-            ("--init", dict(choices=INITS, default="torch",
+            ("--init", dict(choices=INITS,
                             help="how the conv and linear weights are drawn: PyTorch's default, or He, Glorot or "
                                  "orthogonal with the gain of what follows (ReLU after the convs), zero biases")),
         ),
         augment_flags=(
-            ("--crop-padding", dict(type=int, choices=range(9), default=0, metavar="PIXELS",
+            ("--crop-padding", dict(type=int, choices=range(9), metavar="PIXELS",
                                     help="reflect padding of the random crop (0-8; 0: no crop, flips only)")),
         ),
         # residual: the --residual variant's own recipe, chosen on validation data
