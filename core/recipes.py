@@ -179,6 +179,9 @@ RECIPES = {
                                   "where that conv keeps the size); the same parameters")),
             ("--activation", dict(choices=sorted(ACTIVATIONS),
                                   help="the nonlinearity after every BN")),
+            ("--se-reduction", dict(type=non_negative_int, metavar="R",
+                                    help="end each block with squeeze-and-excitation, its bottleneck R times "
+                                         "narrower than the block (16 keeps the net under 200k parameters; 0: off)")),
         ),
         augment_flags=(
             ("--rotate-limit", dict(type=non_negative_float, metavar="DEGREES",

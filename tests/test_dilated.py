@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from core.models import MODELS, build_model
-from core.models.dilated import DilatedNet, Residual
+from core.models.dilated import DilatedNet, Residual, SqueezeExcite
 from core.receptive_field import receptive_field_table
 
 VARIANTS = ["strided", "dilated"]
@@ -122,3 +122,41 @@ def test_rejects_unknown_skips_and_activation():
         DilatedNet(skips=3)
     with pytest.raises(ValueError):
         DilatedNet(activation="tanh")
+
+
+@pytest.mark.parametrize("downsample", VARIANTS)
+@pytest.mark.parametrize("c4_size", C4_SIZES)
+def test_squeeze_excite_ends_every_block_within_the_assignments_rules(downsample, c4_size):
+    plain = DilatedNet(downsample=downsample, c4_size=c4_size)
+    gated = DilatedNet(downsample=downsample, c4_size=c4_size, se_reduction=16)
+    assert all(isinstance(b[-1], SqueezeExcite) for b in gated.blocks)
+    assert not any(isinstance(m, SqueezeExcite) for m in plain.modules())
+    # the gates' parameters: two linear layers per block, widths (32, 64, 128, 144)
+    gates = sum(2 * c * (c // 16) + c // 16 + c for c in (32, 64, 128, 144))
+    assert n_params(gated) == n_params(plain) + gates < 200_000
+    assert not any(isinstance(m, nn.MaxPool2d) for m in gated.modules())
+    assert sum(isinstance(m, nn.AdaptiveAvgPool2d) for m in gated.modules()) == 1
+    rows = receptive_field_table(gated)
+    assert [r["rout"] for r in rows] == [r["rout"] for r in receptive_field_table(plain)]
+    assert gated(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_squeeze_excite_scales_each_channel_by_its_gate():
+    """Against the paper's formula: x_c * sigmoid(W2 relu(W1 z + b1) + b2)_c, z the channel means."""
+    torch.manual_seed(0)
+    se = SqueezeExcite(24, 4)
+    x = torch.randn(3, 24, 5, 7)
+    (w1, b1), (w2, b2) = [(m.weight, m.bias) for m in se.gate if isinstance(m, nn.Linear)]
+    assert w1.shape == (6, 24) and w2.shape == (24, 6)
+    z = x.reshape(3, 24, -1).mean(-1)
+    gate = torch.sigmoid(torch.relu(z @ w1.T + b1) @ w2.T + b2)
+    assert torch.allclose(se(x), x * gate[:, :, None, None], atol=1e-6)
+    # the gate depends on the whole map: moving one pixel of a channel changes every pixel's scale
+    y = x.clone()
+    y[:, :, 0, 0] += 10
+    assert not torch.allclose(se(y)[:, :, 4, 6], se(x)[:, :, 4, 6])
+
+
+def test_rejects_a_negative_se_reduction():
+    with pytest.raises(ValueError):
+        DilatedNet(se_reduction=-1)
