@@ -194,7 +194,7 @@ RECIPES = {
                               help="probability of turning an image gray")),
         ),
         report=receptive_field_report, report_name="receptive_field",
-        # C2-C4 at 16x16 and milder augmentation: the validation searches' choice
+        # C3-C4 at 8x8 and milder augmentation: the validation searches' choice
         # (docs/results.md#the-dilated-net); checkpoints since --c4-size record theirs
         predated={"c4_size": 4, "ssr_p": 0.5, "dropout_p": 0.5, "gray_p": 0.2},
         weight_decay=dict.fromkeys(("sgd", "adam", "adamw"), 5e-4),  # only SGD's searched

@@ -3,8 +3,8 @@
 
 Four blocks of three 3x3 convs (plain or depthwise-separable), then GAP and the output layer.
 Each block's first conv sets its width and its second is a residual conv; the third may halve
-the resolution with stride 2: in C1 alone by default (``c4_size`` 16), in C1-C3 in the original
-net (``c4_size`` 4). The 'dilated' variant strides nowhere: it keeps
+the resolution with stride 2: in C1 and C2 by default (``c4_size`` 8), in C1 alone with
+``c4_size`` 16, in C1-C3 in the original net (``c4_size`` 4). The 'dilated' variant strides nowhere: it keeps
 every block at 32x32 and doubles the dilation of all later convs at each place a stride was
 dropped, which leaves the receptive field of every unit as it was (Yu et al.'s dilated residual
 networks). C1's residual conv is dilated in both variants. Wide layers use depthwise-separable
@@ -99,7 +99,7 @@ class DilatedNet(nn.Module):
     the net under 200k parameters).
     ``fc``: GAP then a linear layer, else a 1x1 conv to the classes then GAP. No softmax."""
 
-    def __init__(self, num_classes=10, width=32, downsample="strided", c4_size=16, fc=True,
+    def __init__(self, num_classes=10, width=32, downsample="strided", c4_size=8, fc=True,
                  dropout=0.0, skips=1, activation="relu", se_reduction=0):
         super().__init__()
         if downsample not in ("strided", "dilated"):
