@@ -103,7 +103,7 @@ def test_a_constant_map_is_all_zeros():
     assert torch.equal(maps, torch.zeros(2, 8, 8))
 
 
-@pytest.mark.parametrize("name, size", [("resnet", 4), ("dilated", 16), ("ultimus", 26)])
+@pytest.mark.parametrize("name, size", [("resnet", 4), ("dilated", 8), ("ultimus", 26)])
 def test_each_models_default_layer_is_a_spatial_map(name, size):
     model = build_model(name)
     seen = {}
