@@ -4,18 +4,19 @@
 Four blocks of three 3x3 convs (plain or depthwise-separable), then GAP and the output layer.
 Each block's first conv sets its width and its second is a residual conv; the third may halve
 the resolution with stride 2: in C1 and C2 by default (``c4_size`` 8), in C1 alone with
-``c4_size`` 16, in C1-C3 in the original net (``c4_size`` 4). The 'dilated' variant strides nowhere: it keeps
-every block at 32x32 and doubles the dilation of all later convs at each place a stride was
-dropped, which leaves the receptive field of every unit as it was (Yu et al.'s dilated residual
-networks). C1's residual conv is dilated in both variants. Wide layers use depthwise-separable
-convs, whose parameters grow with c_in + c_out rather than c_in * c_out, to afford their widths.
+``c4_size`` 16, in C1-C3 in the original net (``c4_size`` 4). The 'dilated' variant strides
+nowhere: it keeps every block at 32x32 and doubles the dilation of all later convs at each place
+a stride was dropped, which leaves the receptive field of every unit as it was (Yu et al.'s
+dilated residual networks). C1's residual conv is dilated in both variants. Wide layers use
+depthwise-separable convs, whose parameters grow with c_in + c_out rather than c_in * c_out, to
+afford their widths.
 
 Every conv is followed by BN and ReLU (or SiLU, ``activation``). Dropout defaults to off: the
 assignment's augmentations already regularize a net of this size so hard that it tends to
 underfit. ``skips`` 2 also wraps each block's third conv in an identity skip wherever that conv
 keeps the size: a deeper residual path for the same parameters. ``se_reduction`` ends each block
 with squeeze-and-excitation (Hu et al.): a per-channel gate computed from the block's whole map,
-the one way for these local convs to weigh channels by global context, for 3% more parameters.
+the one way for these local convs to weigh channels by global context, for few parameters.
 """
 
 from torch import nn
