@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from .augment import coarse_dropout, cutout, hflip, random_crop, shift_scale_rotate, to_gray
 from .flags import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from .models import MODELS
-from .models.dilated import ACTIVATIONS, C4_SIZES, SKIPS
+from .models.dilated import ACTIVATIONS, C4_SIZES, FULL_CONV_COUNTS, SKIPS
 from .models.ultimus import INITS
 from .receptive_field import format_rf_table, receptive_field_table
 
@@ -182,6 +182,9 @@ RECIPES = {
             ("--se-reduction", dict(type=non_negative_int, metavar="R",
                                     help="end each block with squeeze-and-excitation, its bottleneck R times "
                                          "narrower than the block (16 keeps the net under 200k parameters; 0: off)")),
+            ("--full-convs", dict(type=int, choices=FULL_CONV_COUNTS, metavar="N",
+                                  help="how many of the twelve convs, from the input on, are full 3x3 convs; the "
+                                       "rest are depthwise-separable, which frees parameters for --width (0-11)")),
         ),
         augment_flags=(
             ("--rotate-limit", dict(type=non_negative_float, metavar="DEGREES",

@@ -160,3 +160,36 @@ def test_squeeze_excite_scales_each_channel_by_its_gate():
 def test_rejects_a_negative_se_reduction():
     with pytest.raises(ValueError):
         DilatedNet(se_reduction=-1)
+
+
+def full_and_separable(model):
+    """How many 3x3 convs see every input channel, and how many are depthwise."""
+    kernels = [c for c in convs(model) if c.kernel_size == (3, 3)]
+    return sum(c.groups == 1 for c in kernels), sum(c.groups == c.in_channels > 1 for c in kernels)
+
+
+@pytest.mark.parametrize("full_convs", [0, 3, 5, 11])
+def test_full_convs_counts_the_full_convs_from_the_input(full_convs):
+    model = DilatedNet(full_convs=full_convs)
+    assert full_and_separable(model) == (full_convs, 12 - full_convs)
+    # they come first: a full conv never follows a separable one
+    kinds = [c.groups == 1 for c in convs(model) if c.kernel_size == (3, 3)]
+    assert kinds == sorted(kinds, reverse=True)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # the 1x1 convs add rows to the table but no reach: the receptive field stays the same
+    assert receptive_field_table(model)[-1]["rout"] == receptive_field_table(DilatedNet())[-1]["rout"]
+
+
+def test_full_convs_default_is_the_assignment_net():
+    """Five full convs (C1's three, C2's first two) is the net the docs' figures were measured on."""
+    assert full_and_separable(DilatedNet()) == (5, 7)
+    assert n_params(DilatedNet()) == n_params(DilatedNet(full_convs=5)) == 190_410
+
+
+def test_fewer_full_convs_buy_width_within_the_budget():
+    """Making C2 separable frees enough parameters for 19% more width under 200k."""
+    wide = DilatedNet(full_convs=3, width=38)
+    assert full_and_separable(wide) == (3, 9)
+    assert n_params(DilatedNet(full_convs=3)) < n_params(DilatedNet()) < n_params(wide) < 200_000
+    with pytest.raises(ValueError):
+        DilatedNet(full_convs=12)
