@@ -16,8 +16,12 @@ class WeightEMA:
     counts) are copied.
 
     The BN running statistics are averaged along with the weights, as Page does, rather than
-    re-estimated for the averaged weights: that would cost a pass over the training set at
-    every evaluation, and with ``decay`` near 1 the two differ little.
+    re-estimated for the averaged weights, which would cost a pass over training images at every
+    evaluation. The two agree only while the weights barely move within the average's window of
+    about ``1 / (1 - decay)`` steps: late in a one-cycle run, at short windows. A long window, or
+    one over the high-LR phase, averages weights whose activations the averaged statistics no
+    longer describe, and the average can score near chance until the LR has fallen (see
+    docs/results.md); ``--recalibrate-bn`` re-estimates the statistics before each evaluation.
     """
 
     def __init__(self, model, decay):
