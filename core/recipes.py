@@ -181,7 +181,8 @@ RECIPES = {
                                   help="the nonlinearity after every BN")),
             ("--se-reduction", dict(type=non_negative_int, metavar="R",
                                     help="end each block with squeeze-and-excitation, its bottleneck R times "
-                                         "narrower than the block (16 keeps the net under 200k parameters; 0: off)")),
+                                         "narrower than the block (0: off; 16 with --width 32 --full-convs 5 stays under 200k "
+                                         "parameters, at the default width it does not)")),
             ("--full-convs", dict(type=int, choices=FULL_CONV_COUNTS, metavar="N",
                                   help="how many of the twelve convs, from the input on, are full 3x3 convs; the "
                                        "rest are depthwise-separable, which frees parameters for --width (0-11)")),
@@ -197,9 +198,9 @@ RECIPES = {
                               help="probability of turning an image gray")),
         ),
         report=receptive_field_report, report_name="receptive_field",
-        # C3-C4 at 8x8 and milder augmentation: the validation searches' choice
-        # (docs/results.md#the-dilated-net); checkpoints since --c4-size record theirs
-        predated={"c4_size": 4, "ssr_p": 0.5, "dropout_p": 0.5, "gray_p": 0.2},
+        # C3-C4 at 8x8, milder augmentation, C2 separable and wider: the validation searches'
+        # choices (docs/results.md#the-dilated-net); checkpoints since each flag record theirs
+        predated={"c4_size": 4, "ssr_p": 0.5, "dropout_p": 0.5, "gray_p": 0.2, "width": 32, "full_convs": 5},
         weight_decay=dict.fromkeys(("sgd", "adam", "adamw"), 5e-4),  # only SGD's searched
     ),
     "ultimus": Recipe(

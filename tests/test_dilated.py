@@ -102,8 +102,8 @@ def test_second_skip_wraps_every_third_conv_that_keeps_the_size(downsample, c4_s
     assert same_size == {"dilated": 4, "strided": {4: 1, 8: 2, 16: 3}[c4_size]}[downsample]
     # the skip adds the input to what the conv computes
     two.eval()
-    x = torch.randn(2, 144, 8, 8)
     last = two.blocks[-1][2]
+    x = torch.randn(2, convs(last)[0].in_channels, 8, 8)
     assert torch.allclose(last(x), x + last.body(x))
     # and the receptive fields, the assignment's rule, are the same
     assert [r["rout"] for r in receptive_field_table(one)] == [r["rout"] for r in receptive_field_table(two)]
@@ -127,8 +127,10 @@ def test_rejects_unknown_skips_and_activation():
 @pytest.mark.parametrize("downsample", VARIANTS)
 @pytest.mark.parametrize("c4_size", C4_SIZES)
 def test_squeeze_excite_ends_every_block_within_the_assignments_rules(downsample, c4_size):
-    plain = DilatedNet(downsample=downsample, c4_size=c4_size)
-    gated = DilatedNet(downsample=downsample, c4_size=c4_size, se_reduction=16)
+    # the net before 2026-12-05, the one whose budget leaves room for the gates
+    old = dict(width=32, full_convs=5)
+    plain = DilatedNet(downsample=downsample, c4_size=c4_size, **old)
+    gated = DilatedNet(downsample=downsample, c4_size=c4_size, se_reduction=16, **old)
     assert all(isinstance(b[-1], SqueezeExcite) for b in gated.blocks)
     assert not any(isinstance(m, SqueezeExcite) for m in plain.modules())
     # the gates' parameters: two linear layers per block, widths (32, 64, 128, 144)
@@ -180,16 +182,18 @@ def test_full_convs_counts_the_full_convs_from_the_input(full_convs):
     assert receptive_field_table(model)[-1]["rout"] == receptive_field_table(DilatedNet())[-1]["rout"]
 
 
-def test_full_convs_default_is_the_assignment_net():
-    """Five full convs (C1's three, C2's first two) is the net the docs' figures were measured on."""
-    assert full_and_separable(DilatedNet()) == (5, 7)
-    assert n_params(DilatedNet()) == n_params(DilatedNet(full_convs=5)) == 190_410
+def test_the_default_is_c2_separable_and_wider():
+    """The validation search's choice: only C1's three convs full, widths 38-171; the net before
+    it (five full convs, width 32) is what checkpoints without the flags rebuild."""
+    new, old = DilatedNet(), DilatedNet(width=32, full_convs=5)
+    assert full_and_separable(new) == (3, 9) and full_and_separable(old) == (5, 7)
+    assert [c.out_channels for c in convs(new) if c.kernel_size == (1, 1)][-1] == 171
+    assert n_params(old) == 190_410
 
 
 def test_fewer_full_convs_buy_width_within_the_budget():
     """Making C2 separable frees enough parameters for 19% more width under 200k."""
-    wide = DilatedNet(full_convs=3, width=38)
-    assert full_and_separable(wide) == (3, 9)
-    assert n_params(DilatedNet(full_convs=3)) < n_params(DilatedNet()) < n_params(wide) < 200_000
+    old, narrow = DilatedNet(width=32, full_convs=5), DilatedNet(width=32, full_convs=3)
+    assert n_params(narrow) < n_params(old) < n_params(DilatedNet()) < 200_000
     with pytest.raises(ValueError):
         DilatedNet(full_convs=12)
