@@ -108,8 +108,9 @@ class DilatedNet(nn.Module):
     ``skips``: identity skips per block, 1 (around the second conv) or 2 (and around the third
     where it keeps the size). ``activation``: 'relu' or 'silu' after every BN. ``se_reduction``:
     0 for none, else squeeze-and-excitation after each block with that bottleneck ratio (16 keeps
-    the net of width 32 and ``full_convs`` 5 under 200k parameters, not the default one). ``full_convs``: how many of the twelve convs, counted from the
-    input, are full 3x3 convs rather than depthwise-separable (at most 11).
+    the net of width 32 and ``full_convs`` 5 under 200k parameters, not the default one).
+    ``full_convs``: how many of the twelve convs, counted from the input, are full 3x3 convs
+    rather than depthwise-separable (at most 11).
     ``fc``: GAP then a linear layer, else a 1x1 conv to the classes then GAP. No softmax."""
 
     def __init__(self, num_classes=10, width=38, downsample="strided", c4_size=8, fc=True,
