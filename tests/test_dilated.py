@@ -164,9 +164,14 @@ def test_rejects_a_negative_se_reduction():
         DilatedNet(se_reduction=-1)
 
 
+def spatial_convs(model):
+    """The 3x3 convs, in order: full ones, and the depthwise halves of separable ones."""
+    return [c for c in convs(model) if c.kernel_size == (3, 3)]
+
+
 def full_and_separable(model):
     """How many 3x3 convs see every input channel, and how many are depthwise."""
-    kernels = [c for c in convs(model) if c.kernel_size == (3, 3)]
+    kernels = spatial_convs(model)
     return sum(c.groups == 1 for c in kernels), sum(c.groups == c.in_channels > 1 for c in kernels)
 
 
@@ -175,7 +180,7 @@ def test_full_convs_counts_the_full_convs_from_the_input(full_convs):
     model = DilatedNet(full_convs=full_convs)
     assert full_and_separable(model) == (full_convs, 12 - full_convs)
     # they come first: a full conv never follows a separable one
-    kinds = [c.groups == 1 for c in convs(model) if c.kernel_size == (3, 3)]
+    kinds = [c.groups == 1 for c in spatial_convs(model)]
     assert kinds == sorted(kinds, reverse=True)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     # the 1x1 convs add rows to the table but no reach: the receptive field stays the same
