@@ -185,7 +185,9 @@ RECIPES = {
                                          "parameters, at the default width it does not)")),
             ("--full-convs", dict(type=int, choices=FULL_CONV_COUNTS, metavar="N",
                                   help="how many of the twelve convs, from the input on, are full 3x3 convs; the "
-                                       "rest are depthwise-separable, which frees parameters for --width (0-11)")),
+                                       "rest are depthwise-separable, which frees parameters for --width (0-11; 0, a "
+                                       "separable first conv, has diverged under bf16 at the default LR: "
+                                       "use --amp off or a lower --lr-max)")),
         ),
         augment_flags=(
             ("--rotate-limit", dict(type=non_negative_float, metavar="DEGREES",
