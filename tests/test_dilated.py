@@ -7,6 +7,8 @@ from core.models.dilated import DilatedNet, Residual, SqueezeExcite
 from core.receptive_field import receptive_field_table
 
 VARIANTS = ["strided", "dilated"]
+# the net before 2026-12-05 (five full convs at width 32), still reachable by flag
+FORMER_NET = dict(width=32, full_convs=5)
 C4_SIZES = [4, 8, 16]
 
 
@@ -127,10 +129,9 @@ def test_rejects_unknown_skips_and_activation():
 @pytest.mark.parametrize("downsample", VARIANTS)
 @pytest.mark.parametrize("c4_size", C4_SIZES)
 def test_squeeze_excite_ends_every_block_within_the_assignments_rules(downsample, c4_size):
-    # the net before 2026-12-05, the one whose budget leaves room for the gates
-    old = dict(width=32, full_convs=5)
-    plain = DilatedNet(downsample=downsample, c4_size=c4_size, **old)
-    gated = DilatedNet(downsample=downsample, c4_size=c4_size, se_reduction=16, **old)
+    # the former net is the one whose budget leaves room for the gates
+    plain = DilatedNet(downsample=downsample, c4_size=c4_size, **FORMER_NET)
+    gated = DilatedNet(downsample=downsample, c4_size=c4_size, se_reduction=16, **FORMER_NET)
     assert all(isinstance(b[-1], SqueezeExcite) for b in gated.blocks)
     assert not any(isinstance(m, SqueezeExcite) for m in plain.modules())
     # the gates' parameters: two linear layers per block, widths (32, 64, 128, 144)
@@ -190,7 +191,7 @@ def test_full_convs_counts_the_full_convs_from_the_input(full_convs):
 def test_the_default_is_c2_separable_and_wider():
     """The validation search's choice: only C1's three convs full, widths 38-171; the net before
     it (five full convs, width 32) is what checkpoints without the flags rebuild."""
-    new, old = DilatedNet(), DilatedNet(width=32, full_convs=5)
+    new, old = DilatedNet(), DilatedNet(**FORMER_NET)
     assert full_and_separable(new) == (3, 9) and full_and_separable(old) == (5, 7)
     assert [c.out_channels for c in convs(new) if c.kernel_size == (1, 1)][-1] == 171
     assert n_params(old) == 190_410
@@ -198,7 +199,7 @@ def test_the_default_is_c2_separable_and_wider():
 
 def test_fewer_full_convs_buy_width_within_the_budget():
     """Making C2 separable frees enough parameters for 19% more width under 200k."""
-    old, narrow = DilatedNet(width=32, full_convs=5), DilatedNet(width=32, full_convs=3)
+    old, narrow = DilatedNet(**FORMER_NET), DilatedNet(width=32, full_convs=3)
     assert n_params(narrow) < n_params(old) < n_params(DilatedNet()) < 200_000
     with pytest.raises(ValueError):
         DilatedNet(full_convs=12)
