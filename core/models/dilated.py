@@ -7,10 +7,10 @@ the resolution with stride 2: in C1 and C2 by default (``c4_size`` 8), in C1 alo
 ``c4_size`` 16, in C1-C3 in the original net (``c4_size`` 4). The 'dilated' variant strides
 nowhere: it keeps every block at 32x32 and doubles the dilation of all later convs at each place
 a stride was dropped, which leaves the receptive field of every unit as it was (Yu et al.'s
-dilated residual networks). C1's residual conv is dilated in both variants. All but C1's three
-convs are depthwise-separable, whose parameters grow with c_in + c_out rather than c_in * c_out:
-that buys every block a fifth more width within 200k parameters than full convs in C2 would
-(the validation search's choice, docs/results.md#the-dilated-net).
+dilated residual networks). C1's residual conv is dilated in both variants. By default all but
+C1's three convs are depthwise-separable, whose parameters grow with c_in + c_out rather than
+c_in * c_out: that buys every block a fifth more width within 200k parameters than full convs
+in C2 would (the validation search's choice, docs/results.md#the-dilated-net).
 
 Every conv is followed by BN and ReLU (or SiLU, ``activation``). Dropout defaults to off: the
 assignment's augmentations already regularize a net of this size so hard that it tends to
