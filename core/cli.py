@@ -155,6 +155,11 @@ def build_train_parser(recipe):
                    help="continue from a last.pt or best.pt, in its folder unless --out is given")
     g.add_argument("--eval-only", action="store_true",
                    help="with --resume: evaluate the checkpoint on --data's test split and write eval.json")
+    g.add_argument("--eval-split", choices=("test", "val"), default="test",
+                   help="with --eval-only: score the test split, or the images the run held out with --val-split")
+    g.add_argument("--live-weights", action="store_true",
+                   help="with --eval-only: score the live weights of a run trained with --ema-decay, not the "
+                        "average it evaluated")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="evaluate on each test image and its mirror image, averaging the logits")
     g.add_argument("--tta-shift", type=int, choices=range(9), default=0, metavar="PIXELS",

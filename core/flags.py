@@ -98,6 +98,9 @@ def validate(args):
         raise UserError(f"--lr-min {args.lr_min} must be below --lr-max {args.lr_max}")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only needs --resume PATH to the checkpoint to evaluate")
+    for flag, given in (("--eval-split val", args.eval_split != "test"), ("--live-weights", args.live_weights)):
+        if given and not args.eval_only:
+            raise UserError(f"{flag} chooses what --eval-only scores: add --eval-only (and --resume PATH)")
     if not 0 <= args.ema_decay < 1:
         raise UserError(f"--ema-decay {args.ema_decay} must lie in [0, 1): 0 turns the average off, 0.99 averages "
                         f"over about 100 steps")

@@ -18,12 +18,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 SIZE = 32
 
 
-def load_trained(path, device="cpu", model_name=None):
+def load_trained(path, device="cpu", model_name=None, live=False):
     """(model, info) from a checkpoint: the model rebuilt from its flags (whitening basis, logit
     scale and every model flag as trained) with the weights the run evaluated (the average, where
-    it kept one), in eval mode on ``device``; ``info`` holds ``classes`` (in label order), ``mean``
-    and ``std`` (the normalization it trained with), ``recipe`` (its name), ``flags`` and
-    ``weights`` ('ema' or 'model'). ``model_name`` refuses a checkpoint of another model."""
+    it kept one, unless ``live``), in eval mode on ``device``; ``info`` holds ``classes`` (in label
+    order), ``mean`` and ``std`` (the normalization it trained with), ``recipe`` (its name),
+    ``flags`` and ``weights`` ('ema' or 'model'). ``model_name`` refuses a checkpoint of another model."""
     ckpt = load_checkpoint(path, model_name, purpose="evaluate")
     recipe = RECIPES.get(ckpt["model_name"])
     if recipe is None:
@@ -32,7 +32,7 @@ def load_trained(path, device="cpu", model_name=None):
     classes = [str(c) for c in ckpt["classes"]]
     flags = recipe.trained_flags(ckpt["args"])
     model = make_model(recipe, flags, classes, device)
-    weights = "ema" if ckpt.get("ema") is not None else "model"
+    weights = "ema" if ckpt.get("ema") is not None and not live else "model"
     try:
         model.load_state_dict(ckpt[weights])
     except RuntimeError as exc:

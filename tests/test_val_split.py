@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lr_range_test
+import train_dilated
 import train_ultimus
 from core.build import Setup, hold_out
 from core.checkpoint import load_checkpoint
@@ -119,3 +120,55 @@ def test_the_range_test_records_the_validation_loss_with_a_validation_split(data
                                "--device", "cpu", "--batch-size", "50", "--num-iter", "5", "--val-split", "60"]) == 0
     record = json.loads((out / "lr_finder.json").read_text())
     assert record["loss_kind"] == "val" and record["args"]["val_split"] == 60
+
+
+def score(script, data, checkpoint, out, *extra):
+    """``script``'s --eval-only of ``checkpoint`` into ``out``: its eval.json."""
+    assert script.main(["--eval-only", "--resume", str(checkpoint), "--data", str(data), "--out", str(out),
+                               "--device", "cpu", "--cache-dir", "none", *extra]) == 0
+    return json.loads((out / "eval.json").read_text())
+
+
+def test_eval_only_scores_the_runs_validation_split_with_the_average_or_the_live_weights(data, tmp_path):
+    """The average only reads the live weights, so the live weights of an --ema-decay run are
+    those of the same run without it: --live-weights must score what that run scored."""
+    plain, averaged = tmp_path / "plain", tmp_path / "ema"
+    assert train_ultimus.main(tiny(data, plain, "--val-split", "60")) == 0
+    assert train_ultimus.main(tiny(data, averaged, "--val-split", "60", "--ema-decay", "0.8")) == 0
+    final, final_plain = metrics(averaged)["history"][-1], metrics(plain)["history"][-1]
+    assert final["val_loss"] != final_plain["val_loss"]
+    average = score(train_ultimus, data, averaged / "last.pt", tmp_path / "e1", "--eval-split", "val")
+    assert (average["split"], average["weights"], average["total"]) == ("val", "ema", 60)
+    assert (average["val_acc"], average["val_loss"]) == (final["val_acc"], pytest.approx(final["val_loss"]))
+    live = score(train_ultimus, data, averaged / "last.pt", tmp_path / "e2", "--eval-split", "val", "--live-weights")
+    assert live["weights"] == "model"
+    assert (live["val_acc"], live["val_loss"]) == (final_plain["val_acc"], pytest.approx(final_plain["val_loss"]))
+    test = score(train_ultimus, data, averaged / "last.pt", tmp_path / "e3")
+    assert (test["split"], test["test_acc"]) == ("test", final["test_acc"]) and "val_acc" not in test
+
+
+def test_eval_only_recalibrates_bn_on_the_runs_training_images_not_the_held_out_ones(data, tmp_path):
+    """--recalibrate-bn in training reads the first images of the run's training part (and leaves
+    training alone); the first images of the whole split are the held-out ones, which must not
+    leak in. So --eval-only with the flag, on a run trained without it, must score what the
+    flagged run scored."""
+    plain, recal = tmp_path / "plain", tmp_path / "recal"
+    assert train_dilated.main(tiny(data, plain, "--val-split", "60", "--epochs", "2")) == 0
+    assert train_dilated.main(tiny(data, recal, "--val-split", "60", "--epochs", "2", "--recalibrate-bn", "60")) == 0
+    final = metrics(recal)["history"][-1]
+    assert metrics(plain)["history"][-1]["val_loss"] != pytest.approx(final["val_loss"])  # the statistics changed
+    again = score(train_dilated, data, plain / "last.pt", tmp_path / "e", "--eval-split", "val", "--recalibrate-bn", "60")
+    assert (again["val_acc"], again["val_loss"]) == (final["val_acc"], pytest.approx(final["val_loss"]))
+    test = score(train_dilated, data, plain / "last.pt", tmp_path / "t", "--recalibrate-bn", "60")
+    assert test["test_loss"] == pytest.approx(final["test_loss"])
+
+
+def test_eval_split_and_live_weights_refusals_are_one_line(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_ultimus.main(tiny(data, out, "--epochs", "2")) == 0
+    for extra in (["--eval-split", "val"], ["--live-weights"]):
+        assert train_ultimus.main(tiny(data, tmp_path / "x", *extra)) == 1
+        assert "add --eval-only" in one_error_line(capsys)
+    assert train_ultimus.main(["--eval-only", "--resume", str(out / "last.pt"), "--data", str(data),
+                               "--cache-dir", "none", "--eval-split", "val", "--out", str(tmp_path / "e")]) == 1
+    assert "trained without --val-split" in one_error_line(capsys)
