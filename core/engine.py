@@ -6,6 +6,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
+from tqdm import tqdm
 
 from .augment import crop_at
 from .device import autocast
@@ -29,8 +31,6 @@ def _bar(iterable, total, desc, progress):
     """A tqdm bar on a terminal; None (plain log lines instead) when piped or --no-progress."""
     if not (progress and sys.stderr.isatty()):
         return None
-    from tqdm import tqdm
-
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=True)
 
 
@@ -144,8 +144,6 @@ def recalibrate_bn(model, loader, device, amp_dtype):
     statistics change: the parameters and the training trajectory do not. Measured here, it
     repairs an average early in a run but lowers a finished run's accuracy (docs/results.md).
     """
-    from torch.optim.swa_utils import update_bn
-
     with autocast(device, amp_dtype):
         update_bn(loader, model)
 
