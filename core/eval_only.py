@@ -14,16 +14,25 @@ from .outputs import check_folder, make_folder, write_json
 from .report import write_error_report
 
 
-def run_splits(ckpt_path, ds, flags, num_classes):
-    """(training, validation) images of the run that wrote the checkpoint: its own --train-subset
-    and --val-split taken out of ``ds``, as training took them, so that --recalibrate-bn reads the
-    images training would have read, never the held-out ones. (None, None) for a test-only source."""
+def run_splits(args, ds, flags, num_classes, data):
+    """(training, validation) images of the run that wrote the checkpoint, which --recalibrate-bn
+    and --eval-split val read: its own --train-subset and --val-split taken out of ``ds`` as
+    training took them, so that recalibration reads the images training would have read, never
+    the held-out ones."""
     if ds.train is None:
-        return None, None
+        flag = "--eval-split val" if args.eval_split == "val" else "--recalibrate-bn"
+        raise UserError(f"{flag} needs training images and {data} holds only a test split: "
+                        f"drop the flag or point --data at the whole dataset")
     try:
-        return hold_out(take(ds.train, flags.get("train_subset"), num_classes), flags.get("val_split"), num_classes)
+        train, val = hold_out(take(ds.train, flags.get("train_subset"), num_classes), flags.get("val_split"),
+                              num_classes)
     except UserError as exc:
-        raise UserError(f"{ckpt_path}'s --train-subset and --val-split do not fit these training images ({exc})") from None
+        raise UserError(f"{args.resume}'s --train-subset and --val-split do not fit these training images "
+                        f"({exc})") from None
+    if args.eval_split == "val" and val is None:
+        raise UserError(f"{args.resume} was trained without --val-split, so no images were held out: "
+                        f"score the test split (drop --eval-split val)")
+    return train, val
 
 
 def evaluate_checkpoint(recipe, args):
@@ -36,18 +45,13 @@ def evaluate_checkpoint(recipe, args):
     check_folder(out)
     data = args.data or info["flags"].get("data")
     ds = load_data(args, need_train=False, data=data)
-    for flag, needed in (("--recalibrate-bn", args.recalibrate_bn), ("--eval-split val", args.eval_split == "val")):
-        if needed and ds.train is None:
-            raise UserError(f"{flag} needs training images and {data} holds only a test split: "
-                            f"drop the flag or point --data at the whole dataset")
     classes, mean, std = info["classes"], info["mean"], info["std"]
     if list(ds.classes) != classes:
         raise UserError(f"the checkpoint's {len(classes)} classes ({', '.join(classes)}) are not those of "
                         f"{data or './data'} ({', '.join(ds.classes)}): evaluate it on data with its classes")
-    train, val = run_splits(args.resume, ds, info["flags"], len(classes))
-    if args.eval_split == "val" and val is None:
-        raise UserError(f"{args.resume} was trained without --val-split, so no images were held out: "
-                        f"score the test split (drop --eval-split val)")
+    train = val = None
+    if args.recalibrate_bn or args.eval_split == "val":
+        train, val = run_splits(args, ds, info["flags"], len(classes), data)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.recalibrate_bn:
