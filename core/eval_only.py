@@ -60,11 +60,11 @@ def evaluate_checkpoint(recipe, args):
     scored = val if args.eval_split == "val" else take(ds.test, args.test_subset, len(classes))
     loader = plain_batches(args, scored, device, mean, std)
     result = evaluate(model, loader, device, amp_dtype, keep_predictions=True, tta=args.tta, tta_shift=args.tta_shift)
-    print(format_test_line(result, "Validation" if args.eval_split == "val" else "Test"))
+    split = args.eval_split
+    print(format_test_line(result, "Validation" if split == "val" else "Test"))
     make_folder(out)
     report = write_error_report(out, model, scored, result["predictions"].numpy(), classes, mean, std,
-                                tta=args.tta, tta_shift=args.tta_shift)
-    split = args.eval_split
+                                tta=args.tta, tta_shift=args.tta_shift, split="validation" if split == "val" else "test")
     write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": data, "split": split,
                                    f"{split}_acc": result["acc"], f"{split}_loss": result["loss"],
                                    "correct": result["correct"], "total": result["total"],

@@ -32,20 +32,20 @@ def spread(indices, n):
     return indices[np.linspace(0, len(indices) - 1, min(len(indices), n)).astype(int)]
 
 
-def format_per_class(per_class):
+def format_per_class(per_class, split="test"):
     width = max(len(name) for name in per_class)
     cells = [f"{name:>{width}} {'-' if acc is None else f'{acc:5.1f}%'}" for name, acc in per_class.items()]
-    return "Per-class test accuracy:\n" + "\n".join("  " + "   ".join(cells[i:i + 4]) for i in range(0, len(cells), 4))
+    return f"Per-class {split} accuracy:\n" + "\n".join("  " + "   ".join(cells[i:i + 4]) for i in range(0, len(cells), 4))
 
 
-def write_error_report(out, model, test, preds, classes, mean, std, tta=False, tta_shift=0):
+def write_error_report(out, model, test, preds, classes, mean, std, tta=False, tta_shift=0, split="test"):
     """confusion.png, misclassified.png and gradcam.png in ``out``, the per-class table printed;
     returns the figures for metrics.json (``confusion``, ``per_class_acc``). ``test``: the split
-    evaluated, in order; ``preds``: the evaluation's predictions."""
+    evaluated, in order (``split`` names it in the table); ``preds``: the evaluation's predictions."""
     labels = test.labels
     confusion = confusion_matrix(labels, preds, len(classes))
     per_class = per_class_accuracy(confusion, classes)
-    print(format_per_class(per_class))
+    print(format_per_class(per_class, split))
     plots.plot_confusion(confusion, classes, out / "confusion.png")
     wrong = spread(np.flatnonzero(preds != labels), MISCLASSIFIED_SHOWN)
     plots.plot_misclassified(test.images[wrong], labels[wrong], preds[wrong], classes, out / "misclassified.png")

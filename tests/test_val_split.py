@@ -129,7 +129,7 @@ def score(script, data, checkpoint, out, *extra):
     return json.loads((out / "eval.json").read_text())
 
 
-def test_eval_only_scores_the_runs_validation_split_with_the_average_or_the_live_weights(data, tmp_path):
+def test_eval_only_scores_the_runs_validation_split_with_the_average_or_the_live_weights(data, tmp_path, capsys):
     """The average only reads the live weights, so the live weights of an --ema-decay run are
     those of the same run without it: --live-weights must score what that run scored."""
     plain, averaged = tmp_path / "plain", tmp_path / "ema"
@@ -137,7 +137,10 @@ def test_eval_only_scores_the_runs_validation_split_with_the_average_or_the_live
     assert train_ultimus.main(tiny(data, averaged, "--val-split", "60", "--ema-decay", "0.8")) == 0
     final, final_plain = metrics(averaged)["history"][-1], metrics(plain)["history"][-1]
     assert final["val_loss"] != final_plain["val_loss"]
+    capsys.readouterr()
     average = score(train_ultimus, data, averaged / "last.pt", tmp_path / "e1", "--eval-split", "val")
+    log = capsys.readouterr().out
+    assert "Validation set: Average loss" in log and "Per-class validation accuracy" in log and "Test set" not in log
     assert (average["split"], average["weights"], average["total"]) == ("val", "ema", 60)
     assert (average["val_acc"], average["val_loss"]) == (final["val_acc"], pytest.approx(final["val_loss"]))
     live = score(train_ultimus, data, averaged / "last.pt", tmp_path / "e2", "--eval-split", "val", "--live-weights")
