@@ -67,6 +67,13 @@ def hold_out(split, n, num_classes):
     return Split(split.images[~held], split.labels[~held]), Split(split.images[held], split.labels[held])
 
 
+def run_images(train, train_subset, val_split, num_classes):
+    """(training, validation) images of a run: its --train-subset of ``train``, less the
+    --val-split held out of those. Training and --eval-only both take them here, so a
+    checkpoint's flags find its run's images again."""
+    return hold_out(take(train, train_subset, num_classes), val_split, num_classes)
+
+
 def make_model(recipe, flags, classes, device):
     """The recipe's model for ``flags`` (a dict: the parsed flags, or a checkpoint's) with one
     output per class, on ``device``."""
@@ -139,8 +146,7 @@ class Setup:
         start = time.perf_counter()
         self.ds = load_data(args, need_train=True)
         self.data_load_s = time.perf_counter() - start
-        self.train, self.val = hold_out(take(self.ds.train, args.train_subset, len(self.ds.classes)),
-                                        args.val_split, len(self.ds.classes))
+        self.train, self.val = run_images(self.ds.train, args.train_subset, args.val_split, len(self.ds.classes))
         self.test = take(self.ds.test, args.test_subset, len(self.ds.classes))
         if len(self.train.labels) < args.batch_size:
             raise UserError(f"--batch-size {args.batch_size} exceeds the {len(self.train.labels)} training images: "

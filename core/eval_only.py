@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .build import bn_images, hold_out, load_data, pick_runtime, plain_batches, take
+from .build import bn_images, load_data, pick_runtime, plain_batches, run_images, take
 from .engine import evaluate, format_test_line, recalibrate_bn
 from .errors import UserError
 from .inference import load_trained
@@ -24,8 +24,7 @@ def run_splits(args, ds, flags, num_classes, data):
         raise UserError(f"{flag} needs training images and {data} holds only a test split: "
                         f"drop the flag or point --data at the whole dataset")
     try:
-        train, val = hold_out(take(ds.train, flags.get("train_subset"), num_classes), flags.get("val_split"),
-                              num_classes)
+        train, val = run_images(ds.train, flags.get("train_subset"), flags.get("val_split"), num_classes)
     except UserError as exc:
         raise UserError(f"{args.resume}'s --train-subset and --val-split do not fit these training images "
                         f"({exc})") from None
