@@ -60,10 +60,11 @@ def evaluate_checkpoint(recipe, args):
     loader = plain_batches(args, scored, device, mean, std)
     result = evaluate(model, loader, device, amp_dtype, keep_predictions=True, tta=args.tta, tta_shift=args.tta_shift)
     split = args.eval_split
-    print(format_test_line(result, "Validation" if split == "val" else "Test"))
+    named = "validation" if split == "val" else "test"  # as the log lines and the per-class table say it
+    print(format_test_line(result, named.capitalize()))
     make_folder(out)
     report = write_error_report(out, model, scored, result["predictions"].numpy(), classes, mean, std,
-                                tta=args.tta, tta_shift=args.tta_shift, split="validation" if split == "val" else "test")
+                                tta=args.tta, tta_shift=args.tta_shift, split=named)
     write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": data, "split": split,
                                    f"{split}_acc": result["acc"], f"{split}_loss": result["loss"],
                                    "correct": result["correct"], "total": result["total"],

@@ -125,7 +125,7 @@ def test_the_range_test_records_the_validation_loss_with_a_validation_split(data
 def score(script, data, checkpoint, out, *extra):
     """``script``'s --eval-only of ``checkpoint`` into ``out``: its eval.json."""
     assert script.main(["--eval-only", "--resume", str(checkpoint), "--data", str(data), "--out", str(out),
-                               "--device", "cpu", "--cache-dir", "none", *extra]) == 0
+                        "--device", "cpu", "--cache-dir", "none", *extra]) == 0
     return json.loads((out / "eval.json").read_text())
 
 
