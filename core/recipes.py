@@ -7,7 +7,7 @@ import inspect
 from dataclasses import dataclass, field
 
 from .augment import coarse_dropout, cutout, hflip, random_crop, shift_scale_rotate, to_gray
-from .flags import non_negative_float, non_negative_int, positive_float, positive_int, probability
+from .flags import below_one, non_negative_float, non_negative_int, positive_float, positive_int, probability
 from .models import MODELS
 from .models.dilated import ACTIVATIONS, C4_SIZES, FULL_CONV_COUNTS, SKIPS
 from .models.ultimus import INITS
@@ -40,8 +40,8 @@ def flip_crop_augment(x, generator=None, mean=None, std=None, flip=True, crop_pa
     return hflip(x, p=0.5, generator=generator) if flip else x
 
 
-def dilated_augment(x, generator=None, mean=None, std=None, flip=True, rotate_limit=15.0, ssr_p=0.3,
-                    dropout_p=0.3, gray_p=0.1):
+def dilated_augment(x, generator=None, mean=None, std=None, flip=True, rotate_limit=15.0, shift_limit=0.0625,
+                    ssr_p=0.3, dropout_p=0.3, gray_p=0.1):
     """The dilated-net assignment's albumentations set: HorizontalFlip, ShiftScaleRotate,
     CoarseDropout of one 16x16 hole in the mean colour, ToGray, each with probability ``*_p``.
 
@@ -50,7 +50,8 @@ def dilated_augment(x, generator=None, mean=None, std=None, flip=True, rotate_li
     stats = dict(mean=mean, std=std)
     if flip:
         x = hflip(x, p=0.5, generator=generator)
-    x = shift_scale_rotate(x, rotate_limit=rotate_limit, p=ssr_p, generator=generator, **stats)
+    x = shift_scale_rotate(x, shift_limit=shift_limit, rotate_limit=rotate_limit, p=ssr_p, generator=generator,
+                           **stats)
     x = coarse_dropout(x, max_holes=1, max_height=16, max_width=16, min_holes=1, min_height=16,
                        min_width=16, fill="mean", p=dropout_p, generator=generator, **stats)
     return to_gray(x, p=gray_p, generator=generator, **stats)
@@ -192,6 +193,9 @@ RECIPES = {
         augment_flags=(
             ("--rotate-limit", dict(type=non_negative_float, metavar="DEGREES",
                                     help="shift-scale-rotate turns by up to this many degrees (albumentations: 45)")),
+            ("--shift-limit", dict(type=below_one, metavar="FRACTION",
+                                   help="shift-scale-rotate moves by up to this fraction of the side on each axis "
+                                        "(albumentations: 0.0625, 2 pixels)")),
             ("--ssr-p", dict(type=probability, metavar="P",
                              help="probability of shift-scale-rotate per image")),
             ("--dropout-p", dict(type=probability, metavar="P",

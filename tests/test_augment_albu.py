@@ -231,3 +231,15 @@ def test_recipe_probabilities_switch_each_op():
     assert all(not torch.equal(a, b) for a, b in zip(turned, x))
     unturned = dilated_augment(x, gen(), MEAN, STD, flip=False, rotate_limit=0.0, **{**off, "ssr_p": 1.0})
     assert not torch.equal(unturned, turned)
+
+
+@pytest.mark.parametrize("shift_limit", [0.0, 0.125])
+def test_recipe_shift_limit_reaches_shift_scale_rotate(shift_limit):
+    x = normalize(images(16))
+    off = dict(dropout_p=0.0, gray_p=0.0)
+    y = dilated_augment(x, gen(), MEAN, STD, flip=False, ssr_p=1.0, shift_limit=shift_limit, **off)
+    expected = A.shift_scale_rotate(x, shift_limit=shift_limit, rotate_limit=15.0, p=1.0, generator=gen(),
+                                    mean=MEAN, std=STD)
+    assert torch.equal(y, expected)
+    default = dilated_augment(x, gen(), MEAN, STD, flip=False, ssr_p=1.0, **off)
+    assert not torch.equal(y, default)  # the default, 0.0625, is neither value
