@@ -1,7 +1,7 @@
-"""The scripts' command lines: their parsers, the wrapper that turns a UserError into a one-line
-message and a non-zero exit instead of a traceback, and docs/flags.md, generated from the
-parsers so that it cannot go stale (``python -m core.cli --markdown > docs/flags.md``).
-What each script does with its parsed flags is ``core.commands``."""
+"""The scripts' command lines: their parsers, and the wrapper that turns a UserError into a
+one-line message and a non-zero exit instead of a traceback. What each script does with its
+parsed flags is ``core.commands``; docs/flags.md is generated from these parsers by
+``core.flags_doc``."""
 
 import argparse
 import sys
@@ -236,40 +236,6 @@ def script_parsers():
     return parsers
 
 
-def _markdown_cell(text):
-    """One table cell: on one line, with the characters Markdown would read as markup escaped."""
-    text = " ".join(str(text).split())
-    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _default_cell(action):
-    if action.default is None:
-        return ""
-    if action.nargs == 0:  # a switch
-        return "on" if action.default else "off"
-    return _markdown_cell(action.default)
-
-
-def flags_markdown(parsers):
-    """One table per script: each flag's spellings, value, default and --help text."""
-    lines = ["# Flags", "", "Every flag of every script, as its `--help` prints it. Generated from the parsers by",
-             "`python -m core.cli --markdown > docs/flags.md`; a test fails when this page and the parsers disagree.",
-             "What the flags do, at more length: [training.md](training.md).", ""]
-    for script, parser in parsers.items():
-        lines += [f"## `{script}`", "", _markdown_cell(parser.description), "",
-                  "| flag | value | default | meaning |", "|---|---|---|---|"]
-        formatter = parser._get_formatter()
-        for action in parser._actions:
-            if action.dest == "help":
-                continue
-            value = formatter._format_args(action, action.dest.upper()) if action.nargs != 0 else ""
-            names = action.option_strings or [action.metavar or action.dest]  # a positional: its metavar
-            lines.append(f"| {', '.join(f'`{o}`' for o in names)} | {_markdown_cell(value)} "
-                         f"| {_default_cell(action)} | {_markdown_cell(action.help or '')} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def top_k_count(text):
     value = whole_number(text)
     if not 1 <= value <= 10:
@@ -293,8 +259,3 @@ def build_predict_parser():
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
     return p
 
-
-if __name__ == "__main__":
-    if sys.argv[1:] != ["--markdown"]:
-        sys.exit("usage: python -m core.cli --markdown > docs/flags.md")
-    print(flags_markdown(script_parsers()), end="")

@@ -1,0 +1,46 @@
+"""docs/flags.md, generated from the scripts' parsers so that it cannot go stale:
+``python -m core.flags_doc > docs/flags.md`` (a test compares the page with the parsers)."""
+
+import sys
+
+from .cli import script_parsers
+
+
+def _markdown_cell(text):
+    """One table cell: on one line, with the characters Markdown would read as markup escaped."""
+    text = " ".join(str(text).split())
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _default_cell(action):
+    if action.default is None:
+        return ""
+    if action.nargs == 0:  # a switch
+        return "on" if action.default else "off"
+    return _markdown_cell(action.default)
+
+
+def flags_markdown(parsers):
+    """One table per script: each flag's spellings, value, default and --help text."""
+    lines = ["# Flags", "", "Every flag of every script, as its `--help` prints it. Generated from the parsers by",
+             "`python -m core.flags_doc > docs/flags.md`; a test fails when this page and the parsers disagree.",
+             "What the flags do, at more length: [training.md](training.md).", ""]
+    for script, parser in parsers.items():
+        lines += [f"## `{script}`", "", _markdown_cell(parser.description), "",
+                  "| flag | value | default | meaning |", "|---|---|---|---|"]
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            value = formatter._format_args(action, action.dest.upper()) if action.nargs != 0 else ""
+            names = action.option_strings or [action.metavar or action.dest]  # a positional: its metavar
+            lines.append(f"| {', '.join(f'`{o}`' for o in names)} | {_markdown_cell(value)} "
+                         f"| {_default_cell(action)} | {_markdown_cell(action.help or '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:]:
+        sys.exit("usage: python -m core.flags_doc > docs/flags.md")
+    print(flags_markdown(script_parsers()), end="")
