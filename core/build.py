@@ -80,20 +80,43 @@ def make_model(recipe, flags, classes, device):
     return build_model(recipe.name, num_classes=len(classes), **recipe.model_kwargs(flags)).to(device)
 
 
-def param_groups(model, weight_decay, bias_lr_scale=1.0):
-    """The trainable parameters, with the biases in a group of their own when ``bias_lr_scale`` != 1.
+# --decay-exempt's choices: which parameters train without weight decay. Biases and norm
+# weights (every 1-D parameter) shift and scale activations rather than match patterns, and
+# timm's recipes leave them undecayed; a depthwise filter has only nine weights, and MobileNet's
+# authors advise little or no decay on them.
+DECAY_EXEMPT = ("none", "bias-norm", "bias-norm-depthwise")
+
+
+def decay_exempt_params(model, exempt):
+    """The parameters --decay-exempt ``exempt`` leaves out of weight decay."""
+    if exempt not in DECAY_EXEMPT:
+        raise ValueError(f"exempt must be one of {DECAY_EXEMPT}, not {exempt!r}")
+    params = [p for p in model.parameters() if exempt != "none" and p.ndim <= 1]
+    if exempt == "bias-norm-depthwise":
+        params += [m.weight for m in model.modules()
+                   if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
+    return params
+
+
+def param_groups(model, weight_decay, bias_lr_scale=1.0, decay_exempt="none"):
+    """The trainable parameters in groups of one LR multiple and one weight decay each, in the
+    order their first parameter comes in the model: all in one group by default.
 
     A bias (BN shifts, the FC bias) is not followed by a normalization, so unlike a conv weight
     its LR sets how fast it moves in units of the activations. Page's bag of tricks trains them
-    at 64x the LR with weight decay divided by 64, which keeps their decay per step unchanged.
+    at 64x the LR (``bias_lr_scale``) with weight decay divided by 64, which keeps their decay per
+    step unchanged. ``decay_exempt`` (DECAY_EXEMPT) trains some parameters with no decay at all.
     Each group's ``lr_scale`` is the multiple of the schedule's LR that it trains at.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if bias_lr_scale == 1:
-        return [{"params": [p for _, p in named], "weight_decay": weight_decay, "lr_scale": 1.0}]
-    return [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": weight_decay, "lr_scale": 1.0},
-            {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": weight_decay / bias_lr_scale,
-             "lr_scale": bias_lr_scale}]
+    exempt = {id(p) for p in decay_exempt_params(model, decay_exempt)}
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            lr_scale = bias_lr_scale if name.endswith("bias") else 1.0
+            decay = 0.0 if id(p) in exempt else weight_decay / lr_scale
+            groups.setdefault((lr_scale, decay), []).append(p)
+    return [{"params": params, "weight_decay": decay, "lr_scale": lr_scale}
+            for (lr_scale, decay), params in groups.items()]
 
 
 # --optimizer's choices: Adam adds the weight decay to the gradient (L2), AdamW to the step
@@ -102,10 +125,10 @@ OPTIMIZERS = {"sgd": "SGD with Nesterov momentum 0.9", "adam": "Adam (weight dec
               "adamw": "AdamW (decoupled weight decay)"}
 
 
-def make_optimizer(name, model, lr, weight_decay, bias_lr_scale=1.0, fused=False):
+def make_optimizer(name, model, lr, weight_decay, bias_lr_scale=1.0, decay_exempt="none", fused=False):
     """``fused``: one kernel for the whole update, which also reads fp16's overflow flag on the
     device, so a GradScaler step needs no host sync (``fused_on``)."""
-    groups = param_groups(model, weight_decay, bias_lr_scale)
+    groups = param_groups(model, weight_decay, bias_lr_scale, decay_exempt)
     extra = {"fused": True} if fused else {}
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, **extra)
@@ -175,5 +198,5 @@ class Setup:
         # The LR here is a placeholder: the schedule (or the range test) sets it every step.
         self.weight_decay = recipe.weight_decay_for(vars(args))
         self.optimizer = make_optimizer(args.optimizer, self.model, 0.0, self.weight_decay,
-                                        args.bias_lr_scale, fused=fused_on(self.device))
+                                        args.bias_lr_scale, args.decay_exempt, fused=fused_on(self.device))
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)

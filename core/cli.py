@@ -6,7 +6,7 @@ parsed flags is ``core.commands``; docs/flags.md is generated from these parsers
 import argparse
 import sys
 
-from .build import OPTIMIZERS
+from .build import DECAY_EXEMPT, OPTIMIZERS
 from .compiled import COMPILE_MODES
 from .errors import UserError
 from .flags import (at_least_two, below_one, lr_or_find, non_negative_float, non_negative_int, positive_float,
@@ -123,6 +123,9 @@ def build_train_parser(recipe):
     g.add_argument("--bias-lr-scale", type=positive_float, default=1.0, metavar="K",
                    help="train biases (BN shifts, the FC bias) at K times the LR with weight decay / K "
                         "(Page's bag of tricks: 64)")
+    g.add_argument("--decay-exempt", choices=DECAY_EXEMPT, default="none",
+                   help="train these with no weight decay: bias-norm: every bias and normalization weight; "
+                        "bias-norm-depthwise: also the depthwise filters (nine weights each)")
     g.add_argument("--label-smoothing", type=below_one, help="label smoothing of the training loss, in [0, 1)")
     g.add_argument("--ema-decay", type=non_negative_float, default=0.0, metavar="DECAY",
                    help="evaluate (and checkpoint) an exponential moving average of the weights, updated every "

@@ -1,10 +1,16 @@
-"""The optimizer's parameter groups: what --bias-lr-scale and frozen BN scales change."""
+"""The optimizer's parameter groups: what --bias-lr-scale, --decay-exempt and frozen BN scales change."""
 
 import pytest
 import torch
 
+from torch import nn
+
+from core.build import Setup, make_optimizer, param_groups
+from core.cli import build_train_parser
+from core.models.dilated import DilatedNet
 from core.models.resnet import CustomResNet
-from core.build import make_optimizer, param_groups
+from core.recipes import RECIPES
+from tests.conftest import write_batches
 
 
 def ids(params):
@@ -38,3 +44,57 @@ def test_frozen_bn_scales_are_left_out_of_the_optimizer(name):
     frozen = [m.weight for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert not optimized & ids(frozen)
     assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 5e-4 / 4]
+
+
+def by_module_kind(model):
+    """Every parameter sorted by the kind of module that holds it: an independent account of
+    what --decay-exempt should exempt, from module types rather than tensor shapes."""
+    kinds = {"weight": [], "norm_or_bias": [], "depthwise": []}
+    for module in model.modules():
+        own = dict(module.named_parameters(recurse=False))
+        if isinstance(module, nn.BatchNorm2d):
+            kinds["norm_or_bias"] += own.values()
+        elif own:
+            depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+            kinds["depthwise" if depthwise else "weight"].append(own["weight"])
+            kinds["norm_or_bias"] += [own["bias"]] if own.get("bias") is not None else []
+    return kinds
+
+
+@pytest.mark.parametrize("exempt", ["bias-norm", "bias-norm-depthwise"])
+def test_decay_exempt_leaves_biases_norms_and_depthwise_filters_undecayed(exempt):
+    model = DilatedNet()
+    kinds = by_module_kind(model)
+    assert len(kinds["depthwise"]) == 9  # the nine separable convs after C1's three full ones
+    groups = param_groups(model, 5e-4, decay_exempt=exempt)
+    decayed = set().union(*(ids(g["params"]) for g in groups if g["weight_decay"] == 5e-4))
+    undecayed = set().union(*(ids(g["params"]) for g in groups if g["weight_decay"] == 0))
+    expected = kinds["norm_or_bias"] + (kinds["depthwise"] if exempt == "bias-norm-depthwise" else [])
+    assert undecayed == ids(expected) and decayed | undecayed == ids(model.parameters())
+    assert not decayed & undecayed and all(g["lr_scale"] == 1.0 for g in groups)
+
+
+def test_decay_exempt_composes_with_bias_lr_scale():
+    model = CustomResNet()
+    groups = param_groups(model, 5e-4, bias_lr_scale=64.0, decay_exempt="bias-norm")
+    named = dict(model.named_parameters())
+    assert [(g["lr_scale"], g["weight_decay"]) for g in groups] == [(1.0, 5e-4), (1.0, 0.0), (64.0, 0.0)]
+    assert ids(groups[2]["params"]) == ids(p for n, p in named.items() if n.endswith(".bias"))
+    assert ids(groups[0]["params"]) == ids(p for p in model.parameters() if p.ndim > 1)
+
+
+def test_an_exempt_parameter_is_not_shrunk_by_a_step_that_shrinks_the_others(tmp_path):
+    """Through the command line: with zero gradients only the decay moves a weight."""
+    data = write_batches(tmp_path / "cifar-10-batches-py", n_train=60, n_test=20)
+    argv = ["--data", str(data), "--device", "cpu", "--cache-dir", "none", "--batch-size", "20",
+            "--decay-exempt", "bias-norm-depthwise"]
+    setup = Setup(RECIPES["dilated"], build_train_parser(RECIPES["dilated"]).parse_args(argv))
+    kinds = by_module_kind(setup.model)
+    before = [p.detach().clone() for p in setup.model.parameters()]
+    for group in setup.optimizer.param_groups:
+        group["lr"] = 0.1
+    for p in setup.model.parameters():
+        p.grad = torch.zeros_like(p)
+    setup.optimizer.step()
+    moved = {id(p) for p, old in zip(setup.model.parameters(), before) if not torch.equal(p, old)}
+    assert moved == ids(kinds["weight"])
