@@ -91,7 +91,9 @@ def decay_exempt_params(model, exempt):
     """The parameters --decay-exempt ``exempt`` leaves out of weight decay."""
     if exempt not in DECAY_EXEMPT:
         raise ValueError(f"exempt must be one of {DECAY_EXEMPT}, not {exempt!r}")
-    params = [p for p in model.parameters() if exempt != "none" and p.ndim <= 1]
+    if exempt == "none":
+        return []
+    params = [p for p in model.parameters() if p.ndim <= 1]
     if exempt == "bias-norm-depthwise":
         params += [m.weight for m in model.modules()
                    if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
