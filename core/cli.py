@@ -90,6 +90,17 @@ def add_device_args(p):
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of tqdm bars")
 
 
+def add_param_group_args(g):
+    """How the optimizer splits the parameters: the train scripts and the range test share these,
+    so that a sweep reads the LR for the groups the run will train."""
+    g.add_argument("--bias-lr-scale", type=positive_float, default=1.0, metavar="K",
+                   help="train biases (BN shifts, the FC bias) at K times the LR with weight decay / K "
+                        "(Page's bag of tricks: 64)")
+    g.add_argument("--decay-exempt", choices=DECAY_EXEMPT, default="none",
+                   help="train these with no weight decay: bias-norm: every bias and normalization weight; "
+                        "bias-norm-depthwise: also the depthwise filters (nine weights each)")
+
+
 def format_preset(values):
     """A preset as the command-line flags it stands for."""
     flags = []
@@ -120,12 +131,7 @@ def build_train_parser(recipe):
     g.add_argument("--weight-decay", type=non_negative_float,
                    help="weight decay (SGD, AdamW) or L2 (Adam); default, by --optimizer: "
                         + ", ".join(f"{name} {value:g}" for name, value in recipe.weight_decay.items()))
-    g.add_argument("--bias-lr-scale", type=positive_float, default=1.0, metavar="K",
-                   help="train biases (BN shifts, the FC bias) at K times the LR with weight decay / K "
-                        "(Page's bag of tricks: 64)")
-    g.add_argument("--decay-exempt", choices=DECAY_EXEMPT, default="none",
-                   help="train these with no weight decay: bias-norm: every bias and normalization weight; "
-                        "bias-norm-depthwise: also the depthwise filters (nine weights each)")
+    add_param_group_args(g)
     g.add_argument("--label-smoothing", type=below_one, help="label smoothing of the training loss, in [0, 1)")
     g.add_argument("--ema-decay", type=non_negative_float, default=0.0, metavar="DECAY",
                    help="evaluate (and checkpoint) an exponential moving average of the weights, updated every "
@@ -213,6 +219,7 @@ def build_range_test_parser():
     g.add_argument("--batch-size", type=positive_int, default=None, help="default: the train script's")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None, help="default: the train script's")
     g.add_argument("--weight-decay", type=non_negative_float, default=None, help="default: the train script's")
+    add_param_group_args(g)
     g.add_argument("--start-lr", type=positive_float, default=1e-5, help="the LR of the sweep's first step")
     g.add_argument("--end-lr", type=positive_float, default=10.0, help="the LR of its last step")
     g.add_argument("--num-iter", type=at_least_two, default=100,

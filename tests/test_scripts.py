@@ -10,6 +10,7 @@ import lr_range_test
 import train_dilated
 import train_resnet
 import train_ultimus
+from core import commands
 from tests.conftest import write_batches
 
 
@@ -53,6 +54,26 @@ def test_range_test_reads_by_the_optimizer_unless_told(data, tmp_path, extra, me
     record = read(tmp_path / "lr_finder.json")
     assert (record["method"], record["lr_min_method"]) == (method, lr_min_method)
     assert record["lr_max"] == record["suggestions"][method]
+
+
+def test_range_test_sweeps_the_param_groups_the_run_will_train(data, tmp_path, capsys, monkeypatch):
+    seen = []
+    real = commands.find_bounds
+
+    def recording(model, optimizer, *args, **kwargs):
+        seen.extend((g["weight_decay"], g.get("lr_scale", 1.0), len(g["params"])) for g in optimizer.param_groups)
+        return real(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(commands, "find_bounds", recording)
+    args = ["--model", "dilated", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "4",
+            "--weight-decay", "0.001", "--bias-lr-scale", "4", "--decay-exempt", "bias-norm-depthwise"]
+    assert lr_range_test.main(args) == 0
+    decayed = [(decay, scale) for decay, scale, _ in seen if decay > 0]
+    assert decayed and all(decay == 0.001 and scale == 1.0 for decay, scale in decayed), \
+        "only the full and pointwise convs and the FC weight keep the decay"
+    assert any(decay == 0 and scale == 4 for decay, scale, _ in seen), "biases at 4x the LR, exempt from decay"
+    printed = capsys.readouterr().out
+    assert "--bias-lr-scale 4 --decay-exempt bias-norm-depthwise" in printed, "the command trains as the sweep did"
 
 
 def test_range_test_refuses_an_empty_sweep(capsys):
