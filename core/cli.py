@@ -90,15 +90,18 @@ def add_device_args(p):
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of tqdm bars")
 
 
-def add_param_group_args(g):
+def add_param_group_args(g, script_defaults=False):
     """How the optimizer splits the parameters: the train scripts and the range test share these,
-    so that a sweep reads the LR for the groups the run will train."""
-    g.add_argument("--bias-lr-scale", type=positive_float, default=1.0, metavar="K",
+    so that a sweep reads the LR for the groups the run will train. With ``script_defaults`` (the
+    range test) a flag left out is None, and the train script's default fills it in."""
+    defaults = (None, None) if script_defaults else (1.0, "none")
+    note = " (default: the train script's)" if script_defaults else ""
+    g.add_argument("--bias-lr-scale", type=positive_float, default=defaults[0], metavar="K",
                    help="train biases (BN shifts, the FC bias) at K times the LR with weight decay / K "
-                        "(Page's bag of tricks: 64)")
-    g.add_argument("--decay-exempt", choices=DECAY_EXEMPT, default="none",
+                        "(Page's bag of tricks: 64)" + note)
+    g.add_argument("--decay-exempt", choices=DECAY_EXEMPT, default=defaults[1],
                    help="train these with no weight decay: bias-norm: every bias and normalization weight; "
-                        "bias-norm-depthwise: also the depthwise filters (nine weights each)")
+                        "bias-norm-depthwise: also the depthwise filters (nine weights each)" + note)
 
 
 def format_preset(values):
@@ -219,7 +222,7 @@ def build_range_test_parser():
     g.add_argument("--batch-size", type=positive_int, default=None, help="default: the train script's")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None, help="default: the train script's")
     g.add_argument("--weight-decay", type=non_negative_float, default=None, help="default: the train script's")
-    add_param_group_args(g)
+    add_param_group_args(g, script_defaults=True)
     g.add_argument("--start-lr", type=positive_float, default=1e-5, help="the LR of the sweep's first step")
     g.add_argument("--end-lr", type=positive_float, default=10.0, help="the LR of its last step")
     g.add_argument("--num-iter", type=at_least_two, default=100,

@@ -167,7 +167,7 @@ RECIPES = {
         "dilated", dilated_augment,
         "Train the C1C2C3C4O net (dilated and depthwise-separable convs, no max-pooling, <200k params).",
         dict(epochs=50, batch_size=256, lr_max=0.2, lr_min=0.0002, optimizer="sgd", cycle_momentum=False,
-             label_smoothing=0.1, tta=True),
+             label_smoothing=0.1, tta=True, decay_exempt="bias-norm-depthwise"),
         model_flags=(
             ("--downsample", dict(choices=["strided", "dilated"],
                                   help="downsample with stride-2 convs, or keep 32x32 and grow dilations")),
@@ -204,9 +204,11 @@ RECIPES = {
                               help="probability of turning an image gray")),
         ),
         report=receptive_field_report, report_name="receptive_field",
-        # C3-C4 at 8x8, milder augmentation, C2 separable and wider: the validation searches'
-        # choices (docs/results.md#the-dilated-net); checkpoints since each flag record theirs
-        predated={"c4_size": 4, "ssr_p": 0.5, "dropout_p": 0.5, "gray_p": 0.2, "width": 32, "full_convs": 5},
+        # C3-C4 at 8x8, milder augmentation, C2 separable and wider, no decay on the BN, bias and
+        # depthwise weights: the validation searches' choices (docs/results.md#the-dilated-net);
+        # checkpoints since each flag record theirs
+        predated={"c4_size": 4, "ssr_p": 0.5, "dropout_p": 0.5, "gray_p": 0.2, "width": 32, "full_convs": 5,
+                  "decay_exempt": "none"},
         weight_decay=dict.fromkeys(("sgd", "adam", "adamw"), 5e-4),  # only SGD's searched
     ),
     "ultimus": Recipe(

@@ -11,6 +11,8 @@ import train_dilated
 import train_resnet
 import train_ultimus
 from core import commands
+from core.cli import build_train_parser
+from core.recipes import RECIPES
 from tests.conftest import write_batches
 
 
@@ -56,7 +58,8 @@ def test_range_test_reads_by_the_optimizer_unless_told(data, tmp_path, extra, me
     assert record["lr_max"] == record["suggestions"][method]
 
 
-def test_range_test_sweeps_the_param_groups_the_run_will_train(data, tmp_path, capsys, monkeypatch):
+def swept_groups(monkeypatch):
+    """(weight decay, LR scale, parameter count) of each group the range test's optimizer holds."""
     seen = []
     real = commands.find_bounds
 
@@ -65,6 +68,11 @@ def test_range_test_sweeps_the_param_groups_the_run_will_train(data, tmp_path, c
         return real(model, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(commands, "find_bounds", recording)
+    return seen
+
+
+def test_range_test_sweeps_the_param_groups_the_run_will_train(data, tmp_path, capsys, monkeypatch):
+    seen = swept_groups(monkeypatch)
     args = ["--model", "dilated", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "4",
             "--weight-decay", "0.001", "--bias-lr-scale", "4", "--decay-exempt", "bias-norm-depthwise"]
     assert lr_range_test.main(args) == 0
@@ -74,6 +82,17 @@ def test_range_test_sweeps_the_param_groups_the_run_will_train(data, tmp_path, c
     assert any(decay == 0 and scale == 4 for decay, scale, _ in seen), "biases at 4x the LR, exempt from decay"
     printed = capsys.readouterr().out
     assert "--bias-lr-scale 4 --decay-exempt bias-norm-depthwise" in printed, "the command trains as the sweep did"
+
+
+@pytest.mark.parametrize("model", ["resnet", "dilated"])
+def test_range_test_left_to_its_defaults_splits_the_parameters_as_the_train_script_does(data, tmp_path, model,
+                                                                                       monkeypatch):
+    seen = swept_groups(monkeypatch)
+    assert lr_range_test.main(["--model", model, *common(data, tmp_path), "--batch-size", "50", "--num-iter", "4"]) == 0
+    train = vars(build_train_parser(RECIPES[model]).parse_args([]))
+    exempt = sum(n for decay, _, n in seen if decay == 0)
+    assert (exempt > 0) == (train["decay_exempt"] != "none"), "the sweep decays what the run decays"
+    assert all(scale == train["bias_lr_scale"] or scale == 1.0 for _, scale, _ in seen)
 
 
 def test_range_test_refuses_an_empty_sweep(capsys):
