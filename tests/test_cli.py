@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=200, n_test=100)
+    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=100, n_test=50)
 
 
 def tiny(data, out, *extra):
@@ -56,7 +56,7 @@ def test_a_run_writes_every_output(full_run, capfd):
     assert m["train_images_per_s"] > 0 and m["lr_max"] == 0.05 and m["lr_min"] == 0.005
     assert set(m["timing"]) == {"data_load_s", "warmup_s", "train_s", "eval_s", "checkpoint_s"}
     assert all(v > 0 for v in m["timing"].values())
-    assert m["train_images_per_s"] == pytest.approx((3 * 200 - 50) / m["timing"]["train_s"])
+    assert m["train_images_per_s"] == pytest.approx((3 * 100 - 50) / m["timing"]["train_s"])
     assert set(m["history"][0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
                                     "epoch_time_s"}
     assert len((full_run / "metrics.csv").read_text().splitlines()) == 4
@@ -97,7 +97,7 @@ def test_log_has_the_seed_style_lines(data, tmp_path, capsys):
     assert train_resnet.main(tiny(data, tmp_path, "--epochs", "2")) == 0
     out = capsys.readouterr().out
     assert "EPOCH: 1 (LR: 0.005" in out and "EPOCH: 2 (LR: " in out
-    assert out.count("Test set: Average loss: ") == 2 and "Accuracy: " in out and "/100 (" in out
+    assert out.count("Test set: Average loss: ") == 2 and "Accuracy: " in out and "/50 (" in out
     assert "Total params: 6,573,130" in out
 
 
@@ -178,17 +178,17 @@ def test_recalibrated_bn_leaves_training_alone_and_eval_only_reproduces_it(data,
     reads, so the run trains exactly as without the flag; --eval-only with the flag, on the plain
     run's checkpoint, must then reproduce the flagged run's final evaluation."""
     out = tmp_path / "recal"
-    assert train_resnet.main(tiny(data, out, "--recalibrate-bn", "120")) == 0
+    assert train_resnet.main(tiny(data, out, "--recalibrate-bn", "60")) == 0
     m, m_plain = metrics(out), metrics(full_run)
     plain, recal = m_plain["history"], m["history"]
     assert training_figures(m) == training_figures(m_plain)
     assert [h["test_loss"] for h in recal] != [h["test_loss"] for h in plain]
-    assert m["flags"]["recalibrate_bn"] == 120
+    assert m["flags"]["recalibrate_bn"] == 60
     assert train_resnet.main(["--eval-only", "--resume", str(full_run / "last.pt"), "--data", str(data),
                               "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none",
-                              "--recalibrate-bn", "120"]) == 0
+                              "--recalibrate-bn", "60"]) == 0
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert evaluated["recalibrate_bn"] == 120
+    assert evaluated["recalibrate_bn"] == 60
     assert (evaluated["test_acc"], evaluated["test_loss"]) == (recal[-1]["test_acc"], pytest.approx(recal[-1]["test_loss"]))
 
 
@@ -298,7 +298,7 @@ def test_logit_scale_trains_another_model_and_evaluation_rebuilds_it(data, full_
 @pytest.mark.parametrize("flags, message", [
     (["--max-at-epoch", "5"], "--max-at-epoch 5.0 must lie strictly between 0 and --epochs 3"),
     (["--lr-min", "0.5"], "must be below --lr-max"),
-    (["--batch-size", "5000"], "exceeds the 200 training images"),
+    (["--batch-size", "5000"], "exceeds the 100 training images"),
     (["--ema-decay", "1"], "--ema-decay 1.0 must lie in [0, 1)"),
 ])
 def test_inconsistent_flags_give_one_line(data, tmp_path, capsys, flags, message):

@@ -24,7 +24,7 @@ HISTORY = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=200, n_test=100)
+    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=100, n_test=50)
 
 
 def tiny(data, out, *extra):
@@ -135,7 +135,7 @@ def test_a_checkpoint_from_before_lr_bounds_resumes_and_evaluates(data, tmp_path
 def test_a_one_step_warm_up_trains(data, tmp_path):
     """One batch per epoch and the peak after the first epoch: the warm-up phase has no length."""
     out = tmp_path / "one-step"
-    args = tiny(data, out, "--batch-size", "200", "--max-at-epoch", "1", "--lr-max", "0.003", "--lr-min", "0.0003")
+    args = tiny(data, out, "--batch-size", "100", "--max-at-epoch", "1", "--lr-max", "0.003", "--lr-min", "0.0003")
     assert train_ultimus.main(args) == 0
     assert [h["lr"] for h in metrics(out)["history"]] == pytest.approx([0.003, 0.00165, 0.0003])
 
