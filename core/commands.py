@@ -80,9 +80,10 @@ def sweep(recipe, args, train_args, out):
     command = ["python", recipe.script, "--lr-max", f"{record['lr_max']:.4g}", "--lr-min", f"{record['lr_min']:.4g}",
                "--optimizer", train_args.optimizer, "--batch-size", str(train_args.batch_size),
                "--weight-decay", f"{s.weight_decay:g}"]
-    if train_args.bias_lr_scale != 1.0:
+    script_default = build_train_parser(recipe).get_default
+    if train_args.bias_lr_scale != script_default("bias_lr_scale"):
         command += ["--bias-lr-scale", f"{train_args.bias_lr_scale:g}"]
-    if train_args.decay_exempt != "none":
+    if train_args.decay_exempt != script_default("decay_exempt"):
         command += ["--decay-exempt", train_args.decay_exempt]
     if args.data:
         command += ["--data", args.data]

@@ -1,6 +1,7 @@
 """lr_range_test.py, --lr-max find / --lr-from, --runs, and the dilated and Ultimus scripts, end to end."""
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +81,27 @@ def test_range_test_sweeps_the_param_groups_the_run_will_train(data, tmp_path, c
     assert decayed and all(decay == 0.001 and scale == 1.0 for decay, scale in decayed), \
         "only the full and pointwise convs and the FC weight keep the decay"
     assert any(decay == 0 and scale == 4 for decay, scale, _ in seen), "biases at 4x the LR, exempt from decay"
-    printed = capsys.readouterr().out
-    assert "--bias-lr-scale 4 --decay-exempt bias-norm-depthwise" in printed, "the command trains as the sweep did"
+    assert trained_with(capsys.readouterr().out, "dilated")[:2] == (4.0, "bias-norm-depthwise")
+
+
+def trained_with(printed, model):
+    """The param-group flags of the range test's printed "Train with" command, as the train script parses them."""
+    line = printed.split("Train with:\n")[1].splitlines()[0]
+    args = build_train_parser(RECIPES[model]).parse_args(shlex.split(line)[2:])
+    return args.bias_lr_scale, args.decay_exempt, args.weight_decay
+
+
+@pytest.mark.parametrize("model, flags", [("dilated", ["--decay-exempt", "none"]),
+                                          ("resnet", ["--decay-exempt", "bias-norm", "--bias-lr-scale", "1"])])
+def test_the_printed_command_trains_the_groups_the_range_test_swept(data, tmp_path, capsys, monkeypatch, model, flags):
+    """A flag set back to the generic default (no exemption for the dilated net, whose script
+    exempts by default) must still be spelled out, or the run trains other groups than the sweep."""
+    seen = swept_groups(monkeypatch)
+    args = ["--model", model, *common(data, tmp_path), "--batch-size", "50", "--num-iter", "4", *flags]
+    assert lr_range_test.main(args) == 0
+    scale, exempt, decay = trained_with(capsys.readouterr().out, model)
+    assert (scale, exempt) == (float(flags[-1]) if "--bias-lr-scale" in flags else 1.0, flags[1])
+    assert {d for d, _, _ in seen} - {0} == {decay}, "the decay the sweep used"
 
 
 @pytest.mark.parametrize("model", ["resnet", "dilated"])
