@@ -91,16 +91,19 @@ def trained_with(printed, model):
     return args.bias_lr_scale, args.decay_exempt, args.weight_decay
 
 
-@pytest.mark.parametrize("model, flags", [("dilated", ["--decay-exempt", "none"]),
-                                          ("resnet", ["--decay-exempt", "bias-norm", "--bias-lr-scale", "1"])])
-def test_the_printed_command_trains_the_groups_the_range_test_swept(data, tmp_path, capsys, monkeypatch, model, flags):
+@pytest.mark.parametrize("model, flags, groups", [
+    ("dilated", ["--decay-exempt", "none"], (1.0, "none")),
+    ("resnet", ["--decay-exempt", "bias-norm", "--bias-lr-scale", "2"], (2.0, "bias-norm")),
+])
+def test_the_printed_command_trains_the_groups_the_range_test_swept(data, tmp_path, capsys, monkeypatch, model, flags,
+                                                                    groups):
     """A flag set back to the generic default (no exemption for the dilated net, whose script
     exempts by default) must still be spelled out, or the run trains other groups than the sweep."""
     seen = swept_groups(monkeypatch)
     args = ["--model", model, *common(data, tmp_path), "--batch-size", "50", "--num-iter", "4", *flags]
     assert lr_range_test.main(args) == 0
     scale, exempt, decay = trained_with(capsys.readouterr().out, model)
-    assert (scale, exempt) == (float(flags[-1]) if "--bias-lr-scale" in flags else 1.0, flags[1])
+    assert (scale, exempt) == groups
     assert {d for d, _, _ in seen} - {0} == {decay}, "the decay the sweep used"
 
 
