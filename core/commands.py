@@ -76,23 +76,24 @@ def sweep(recipe, args, train_args, out):
         print(f"  {name:>12}: {lr:.4g}")
     print(f"Suggested one-cycle bounds: lr_max {record['lr_max']:.4g} ({record['method']}), "
           f"lr_min {record['lr_min']:.4g} ({record['lr_min_method']})")
-    # Every flag that changed the reading, so the run trains as the sweep did.
-    command = ["python", recipe.script, "--lr-max", f"{record['lr_max']:.4g}", "--lr-min", f"{record['lr_min']:.4g}",
-               "--optimizer", train_args.optimizer, "--batch-size", str(train_args.batch_size),
+    # Every flag that changed the reading, so the run trains as the sweep did, with the bounds
+    # given as numbers or as the saved JSON.
+    run_flags = ["--optimizer", train_args.optimizer, "--batch-size", str(train_args.batch_size),
                "--weight-decay", f"{s.weight_decay:g}"]
     script_default = build_train_parser(recipe).get_default
     if train_args.bias_lr_scale != script_default("bias_lr_scale"):
-        command += ["--bias-lr-scale", f"{train_args.bias_lr_scale:g}"]
+        run_flags += ["--bias-lr-scale", f"{train_args.bias_lr_scale:g}"]
     if train_args.decay_exempt != script_default("decay_exempt"):
-        command += ["--decay-exempt", train_args.decay_exempt]
+        run_flags += ["--decay-exempt", train_args.decay_exempt]
     if args.data:
-        command += ["--data", args.data]
+        run_flags += ["--data", args.data]
     if args.train_subset:
-        command += ["--train-subset", str(args.train_subset)]
+        run_flags += ["--train-subset", str(args.train_subset)]
     if args.val_split:
-        command += ["--val-split", str(args.val_split)]
-    print("Train with:\n  " + shlex.join(command))
-    print(f"(or: {shlex.join(['python', recipe.script, '--lr-from', str(out / 'lr_finder.json')])})")
+        run_flags += ["--val-split", str(args.val_split)]
+    bounds = ["--lr-max", f"{record['lr_max']:.4g}", "--lr-min", f"{record['lr_min']:.4g}"]
+    print("Train with:\n  " + shlex.join(["python", recipe.script, *bounds, *run_flags]))
+    print(f"(or: {shlex.join(['python', recipe.script, '--lr-from', str(out / 'lr_finder.json'), *run_flags])})")
     print(f"Wrote {out / 'lr_finder.json'} and {out / 'lr_finder.png'}")
     return 0
 

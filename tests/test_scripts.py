@@ -85,15 +85,23 @@ def test_range_test_sweeps_the_param_groups_the_run_will_train(data, tmp_path, c
 
 
 def trained_with(printed, model):
-    """The param-group flags of the range test's printed "Train with" command, as the train script parses them."""
-    line = printed.split("Train with:\n")[1].splitlines()[0]
-    args = build_train_parser(RECIPES[model]).parse_args(shlex.split(line)[2:])
-    return args.bias_lr_scale, args.decay_exempt, args.weight_decay
+    """The param-group flags of the range test's printed commands, as the train script parses
+    them: the same whether the bounds are given as numbers or as the saved JSON (--lr-from)."""
+    lines = printed.splitlines()
+    numbers = lines[lines.index("Train with:") + 1]
+    saved = next(line for line in lines if line.startswith("(or: "))[len("(or: "):-1]
+    parse = build_train_parser(RECIPES[model]).parse_args
+    numbers, saved = (parse(shlex.split(line)[2:]) for line in (numbers, saved))
+    assert saved.lr_from and (numbers.lr_max, numbers.lr_min) != (saved.lr_max, saved.lr_min)
+    flags = ("bias_lr_scale", "decay_exempt", "weight_decay", "optimizer", "batch_size")
+    assert [getattr(saved, f) for f in flags] == [getattr(numbers, f) for f in flags], "--lr-from trains the same way"
+    return tuple(getattr(numbers, f) for f in flags)
 
 
 @pytest.mark.parametrize("model, flags, groups", [
-    ("dilated", ["--decay-exempt", "none"], (1.0, "none")),
-    ("resnet", ["--decay-exempt", "bias-norm", "--bias-lr-scale", "2"], (2.0, "bias-norm")),
+    ("dilated", ["--decay-exempt", "none"], (1.0, "none", "sgd")),
+    ("resnet", ["--optimizer", "adam", "--weight-decay", "0.001", "--decay-exempt", "bias-norm", "--bias-lr-scale", "2"],
+     (2.0, "bias-norm", "adam")),
 ])
 def test_the_printed_command_trains_the_groups_the_range_test_swept(data, tmp_path, capsys, monkeypatch, model, flags,
                                                                     groups):
@@ -102,8 +110,8 @@ def test_the_printed_command_trains_the_groups_the_range_test_swept(data, tmp_pa
     seen = swept_groups(monkeypatch)
     args = ["--model", model, *common(data, tmp_path), "--batch-size", "50", "--num-iter", "4", *flags]
     assert lr_range_test.main(args) == 0
-    scale, exempt, decay = trained_with(capsys.readouterr().out, model)
-    assert (scale, exempt) == groups
+    scale, exempt, decay, optimizer, _ = trained_with(capsys.readouterr().out, model)
+    assert (scale, exempt, optimizer) == groups
     assert {d for d, _, _ in seen} - {0} == {decay}, "the decay the sweep used"
 
 
