@@ -79,7 +79,7 @@ def sweep(recipe, args, train_args, out):
     # Every flag that changed the reading, so the run trains as the sweep did, with the bounds
     # given as numbers or as the saved JSON.
     run_flags = ["--optimizer", train_args.optimizer, "--batch-size", str(train_args.batch_size),
-               "--weight-decay", f"{s.weight_decay:g}"]
+                 "--weight-decay", f"{s.weight_decay:g}"]
     script_default = build_train_parser(recipe).get_default
     if train_args.bias_lr_scale != script_default("bias_lr_scale"):
         run_flags += ["--bias-lr-scale", f"{train_args.bias_lr_scale:g}"]
