@@ -72,6 +72,20 @@ def swept_groups(monkeypatch):
     return seen
 
 
+def trained_with(printed, model):
+    """The param-group flags of the range test's printed commands, as the train script parses
+    them: the same whether the bounds are given as numbers or as the saved JSON (--lr-from)."""
+    lines = printed.splitlines()
+    numbers = shlex.split(lines[lines.index("Train with:") + 1])[2:]
+    saved = shlex.split(next(line for line in lines if line.startswith("(or: "))[len("(or: "):-1])[2:]
+    assert "--lr-from" in saved and "--lr-max" not in saved, "the JSON gives the bounds"
+    parse = build_train_parser(RECIPES[model]).parse_args
+    numbers, saved = parse(numbers), parse(saved)
+    flags = ("bias_lr_scale", "decay_exempt", "weight_decay", "optimizer", "batch_size")
+    assert [getattr(saved, f) for f in flags] == [getattr(numbers, f) for f in flags], "--lr-from trains the same way"
+    return tuple(getattr(numbers, f) for f in flags)
+
+
 def test_range_test_sweeps_the_param_groups_the_run_will_train(data, tmp_path, capsys, monkeypatch):
     seen = swept_groups(monkeypatch)
     args = ["--model", "dilated", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "4",
@@ -82,20 +96,6 @@ def test_range_test_sweeps_the_param_groups_the_run_will_train(data, tmp_path, c
         "only the full and pointwise convs and the FC weight keep the decay"
     assert any(decay == 0 and scale == 4 for decay, scale, _ in seen), "biases at 4x the LR, exempt from decay"
     assert trained_with(capsys.readouterr().out, "dilated")[:2] == (4.0, "bias-norm-depthwise")
-
-
-def trained_with(printed, model):
-    """The param-group flags of the range test's printed commands, as the train script parses
-    them: the same whether the bounds are given as numbers or as the saved JSON (--lr-from)."""
-    lines = printed.splitlines()
-    numbers = lines[lines.index("Train with:") + 1]
-    saved = next(line for line in lines if line.startswith("(or: "))[len("(or: "):-1]
-    parse = build_train_parser(RECIPES[model]).parse_args
-    numbers, saved = (parse(shlex.split(line)[2:]) for line in (numbers, saved))
-    assert saved.lr_from and (numbers.lr_max, numbers.lr_min) != (saved.lr_max, saved.lr_min)
-    flags = ("bias_lr_scale", "decay_exempt", "weight_decay", "optimizer", "batch_size")
-    assert [getattr(saved, f) for f in flags] == [getattr(numbers, f) for f in flags], "--lr-from trains the same way"
-    return tuple(getattr(numbers, f) for f in flags)
 
 
 @pytest.mark.parametrize("model, flags, groups", [
