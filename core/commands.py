@@ -50,14 +50,16 @@ def run_range_test(args):
     if args.start_lr >= args.end_lr:
         raise UserError(f"--start-lr {args.start_lr} must be below --end-lr {args.end_lr}")
     recipe = RECIPES[args.model]
-    train_args = recipe_flags(recipe, args)
+    script_defaults = vars(build_train_parser(recipe).parse_args([]))
+    train_args = recipe_flags(script_defaults, args)
     check_folder(out)
     with deterministic_algorithms(train_args.deterministic):
-        return sweep(recipe, args, train_args, out)
+        return sweep(recipe, args, train_args, script_defaults, out)
 
 
-def sweep(recipe, args, train_args, out):
-    """The range test itself, and what it prints: the curve's readings and the command to train with."""
+def sweep(recipe, args, train_args, script_defaults, out):
+    """The range test itself, and what it prints: the curve's readings and the command to train with
+    (``script_defaults``: the train script's own flag values, which that command need not spell out)."""
     s = Setup(recipe, train_args)
     make_folder(out)
     print(s.summary)
@@ -80,10 +82,9 @@ def sweep(recipe, args, train_args, out):
     # given as numbers or as the saved JSON.
     run_flags = ["--optimizer", train_args.optimizer, "--batch-size", str(train_args.batch_size),
                  "--weight-decay", f"{s.weight_decay:g}"]
-    script_default = build_train_parser(recipe).get_default
-    if train_args.bias_lr_scale != script_default("bias_lr_scale"):
+    if train_args.bias_lr_scale != script_defaults["bias_lr_scale"]:
         run_flags += ["--bias-lr-scale", f"{train_args.bias_lr_scale:g}"]
-    if train_args.decay_exempt != script_default("decay_exempt"):
+    if train_args.decay_exempt != script_defaults["decay_exempt"]:
         run_flags += ["--decay-exempt", train_args.decay_exempt]
     if args.data:
         run_flags += ["--data", args.data]
@@ -98,12 +99,11 @@ def sweep(recipe, args, train_args, out):
     return 0
 
 
-def recipe_flags(recipe, args):
-    """The train script's flags for this model, with every range-test flag that the train script
-    also has laid over them where it was given (None leaves the train script's default)."""
-    train = vars(build_train_parser(recipe).parse_args([]))
-    given = {key: value for key, value in vars(args).items() if key in train and value is not None}
-    return argparse.Namespace(**{**train, **given})
+def recipe_flags(script_defaults, args):
+    """The train script's flags (``script_defaults``), with every range-test flag that the train
+    script also has laid over them where it was given (None leaves the train script's default)."""
+    given = {key: value for key, value in vars(args).items() if key in script_defaults and value is not None}
+    return argparse.Namespace(**{**script_defaults, **given})
 
 
 def predict_main(argv=None):
