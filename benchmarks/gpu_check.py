@@ -219,7 +219,7 @@ def timing_steps(c, args, size):
     peak = peak_tflops(c.info.get("gpu"), args.peak_tflops)
     figures = timed_run(c, "full_resnet", ["train_resnet.py", *c.common, *size["full"]], peak)
     c.run("profile_step", ["benchmarks/profile_step.py", *c.common, *(["--train-subset", "1000"] if args.tiny else []),
-                           *size["batch"], "--steps", "3" if args.tiny else "20", "--json"])
+                           *size["batch"], "--steps", "3" if args.tiny else "20", "--top", "8", "--json"])
     folder = unpack(c.data, c.out / "images")
     c.run("throughput_vs_seed", ["benchmarks/throughput.py", "--data", folder, "--device", args.device,
                                  *(["--steps", "3", "--batch-size", "64", "--workers", "0"] if args.tiny else
@@ -281,13 +281,18 @@ def step_figures(c):
     return figures
 
 
+def figure_text(name, value):
+    if name == "top_ops":  # the profile's costliest ops: the first three, by share of the step
+        return "top ops " + ", ".join(f"{op['op']} {op['share']:.0%}" for op in value[:3])
+    return f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+
+
 def summary_table(c, figures):
     rows = ["| step | status | wall s | figures |", "|---|---|---|---|"]
     for step in c.steps:
         fig = figures.get(step["step"], "")
         if isinstance(fig, dict):
-            fig = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fig.items()
-                            if v is not None)
+            fig = ", ".join(figure_text(k, v) for k, v in fig.items() if v is not None)
         elif isinstance(fig, list):  # the benchmark's own table rows, without their pipes
             fig = "; ".join(" ".join(cell.strip() for cell in row.strip("|").split("|")) for row in fig[2:])
         rows.append(f"| {step['step']} | {step['status']} | {step.get('wall_s', '')} | {fig} |")

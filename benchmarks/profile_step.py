@@ -2,14 +2,17 @@
 
 A step that syncs the host (a ``.item()``, a GradScaler reading its overflow flag) drains the
 GPU's queue, and the kernels per step bound how fast a small model can go on a fast GPU, where
-each launch costs a few microseconds. Prints one JSON line (``--json``) or a short report.
+each launch costs a few microseconds. ``--top N`` adds the N ops (kernels, on CUDA) that take
+the most of a step's time: what to make faster, and whether a net is bound by its convs or by
+the memory traffic of its BN and activations. Prints one JSON line (``--json``) or a short report.
 
-    python benchmarks/profile_step.py --data PATH --device cuda [--steps 10] [train flags...]
+    python benchmarks/profile_step.py --data PATH --device cuda [--steps 10] [--top 8] [train flags...]
 """
 
 import itertools
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.build import Setup  # noqa: E402
 from core.cli import ArgumentParser, build_train_parser  # noqa: E402
-from core.flags import positive_int  # noqa: E402
+from core.flags import non_negative_int, positive_int  # noqa: E402
 from core.device import make_scaler  # noqa: E402
 from core.engine import synchronize, train_step  # noqa: E402
 from core.recipes import RECIPES  # noqa: E402
@@ -30,8 +33,9 @@ from core.schedule import one_cycle_for_recipe  # noqa: E402
 SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 
 
-def profile_steps(setup, steps, warmup=3):
-    """(kernels, host syncs, CPU-side ops) per step over ``steps`` profiled steps of ``setup``."""
+def profile_steps(setup, steps, warmup=3, top=0):
+    """Kernels, host syncs, CPU-side ops and wall time per step over ``steps`` profiled steps of
+    ``setup``, and with ``top`` the ``top`` ops of most self time (``top_ops``)."""
     s = setup
     # a cycle as long as the profiled steps (one "epoch" a step): the schedule's cost is the step's
     schedule = one_cycle_for_recipe(s.optimizer, 0.1, 0.001, warmup + steps + 1, 1, 1)
@@ -48,17 +52,32 @@ def profile_steps(setup, steps, warmup=3):
     synchronize(s.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step()
         synchronize(s.device)
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
     events = prof.events()
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     syncs = sum(1 for e in events if e.name in SYNC_CALLS)
     ops = sum(1 for e in events if e.name.startswith("aten::"))
     # the one synchronize after the last step is the profiler's own, not the step's
     syncs = max(syncs - (1 if s.device.type == "cuda" else 0), 0)
-    return {"steps": steps, "kernels_per_step": kernels / steps, "host_syncs_per_step": syncs / steps,
-            "aten_ops_per_step": ops / steps}
+    result = {"steps": steps, "kernels_per_step": kernels / steps, "host_syncs_per_step": syncs / steps,
+              "aten_ops_per_step": ops / steps, "wall_ms_per_step": wall_ms}
+    return {**result, "top_ops": top_ops(prof, s.device, steps, wall_ms, top)} if top else result
+
+
+def top_ops(prof, device, steps, wall_ms, n):
+    """The ``n`` ops of most self time, each as its ms per step and share of the step's wall time:
+    device time on CUDA (where the kernels are the ops that take it), CPU time elsewhere. Self
+    time, not total, so that a parent (a backward node, a conv calling its kernel) does not count
+    its children's time again: the shares then add up to at most the whole step."""
+    def self_ms(event):
+        return (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1e3 / steps
+
+    ranked = sorted(prof.key_averages(), key=self_ms, reverse=True)[:n]
+    return [{"op": e.key, "ms_per_step": self_ms(e), "share": self_ms(e) / wall_ms} for e in ranked if self_ms(e) > 0]
 
 
 def build_parser():
@@ -66,6 +85,8 @@ def build_parser():
     p = ArgumentParser(prog="profile_step.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(RECIPES), default="resnet")
     p.add_argument("--steps", type=positive_int, default=10, help="profiled steps, after 3 unprofiled ones")
+    p.add_argument("--top", type=non_negative_int, default=0, metavar="N",
+                   help="also list the N ops (kernels, on CUDA) of most self time per step")
     p.add_argument("--json", action="store_true", help="one JSON line instead of a report")
     return p
 
@@ -74,8 +95,15 @@ def main(argv=None):
     own, train_argv = build_parser().parse_known_args(argv)
     recipe = RECIPES[own.model]
     args = build_train_parser(recipe).parse_args(train_argv)  # the rest: the train script's flags
-    result = {"model": own.model, **profile_steps(Setup(recipe, args), own.steps)}
-    print(json.dumps(result) if own.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    result = {"model": own.model, **profile_steps(Setup(recipe, args), own.steps, top=own.top)}
+    if own.json:
+        print(json.dumps(result))
+        return 0
+    for key, value in result.items():
+        if key != "top_ops":
+            print(f"{key}: {value}")
+    for op in result.get("top_ops", []):
+        print(f"  {op['share']:6.1%} {op['ms_per_step']:9.2f} ms/step  {op['op']}")
     return 0
 
 

@@ -5,6 +5,7 @@ rehearsal, `--device cpu --tiny`, takes several minutes on 2 cores: docs/perform
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -85,3 +86,14 @@ def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch
     steps = json.loads((tmp_path / "o" / "gpu_check.json").read_text())["steps"]
     assert [(s["step"], s["rc"]) for s in steps] == [("broken", 2), ("fine", 0)]
     assert "failed (rc 2)" in steps[0]["status"]
+
+
+def test_the_summary_names_the_profiles_three_costliest_ops(tmp_path):
+    ops = [{"op": f"kernel{i}", "ms_per_step": 4.0 - i, "share": (4.0 - i) / 10} for i in range(4)]
+    log = tmp_path / "profile_step.log"
+    log.write_text("a warning\n" + json.dumps({"model": "resnet", "wall_ms_per_step": 10.0, "top_ops": ops}) + "\n")
+    checker = SimpleNamespace(steps=[{"step": "profile_step", "rc": 0, "status": "ok", "wall_s": 3.0, "log": str(log)}])
+    figures = gpu_check.step_figures(checker)
+    assert figures["profile_step"]["top_ops"] == ops  # all of them kept for gpu_check.json
+    row = gpu_check.summary_table(checker, figures).splitlines()[-1]
+    assert row == "| profile_step | ok | 3.0 | model resnet, wall_ms_per_step 10, top ops kernel0 40%, kernel1 30%, kernel2 20% |"
