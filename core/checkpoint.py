@@ -2,8 +2,9 @@
 can read them: no pickled classes, nothing that runs code on load."""
 
 import io
-import pickle
-import zipfile
+import math
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -25,16 +26,19 @@ def save_checkpoint(path, state, also=()):
     atomic_write_bytes(path, buf.getvalue(), also=also)
 
 
-def load_checkpoint(path, model_name=None, purpose=None):
+def load_checkpoint(path, model_name=None, purpose=None, flag="--resume"):
     """Load and validate a checkpoint; ``model_name`` refuses one of another model, ``purpose``
-    ('evaluate' or 'resume') one that lacks what that use reads."""
+    ('evaluate' or 'resume') one that lacks what that use reads, or whose normalization could
+    not be applied. ``flag``: the flag that named ``path``, which the messages tell the user to fix."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a file that is not a checkpoint may claim any pickle protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist: pass --resume PATH/last.pt of an earlier run") from None
+        raise UserError(f"checkpoint {path} does not exist: pass {flag} PATH/last.pt of an earlier run") from None
     except IsADirectoryError:
-        raise UserError(f"checkpoint {path} is a folder: pass --resume PATH/last.pt") from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} is a folder: pass {flag} {Path(path) / 'last.pt'}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the unpickler meets in a file that is not a checkpoint
         raise UserError(f"{path} is not a readable checkpoint ({exc.__class__.__name__}); "
                         f"pass the last.pt or best.pt a training run wrote") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -47,4 +51,20 @@ def load_checkpoint(path, model_name=None, purpose=None):
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}, so it cannot {purpose} a run: pass a last.pt or "
                         f"best.pt a training run wrote")
+    if purpose is not None:
+        for key in ("mean", "std"):
+            _check_channel_stats(path, key, ckpt[key])
     return ckpt
+
+
+def _check_channel_stats(path, key, values):
+    """A checkpoint's per-channel ``mean`` or ``std``, which every image is normalized with: three
+    finite numbers, each std above 0 (a zero std turns every probability into nan)."""
+    ok = isinstance(values, (list, tuple)) and len(values) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    if ok and key == "std":
+        ok = all(v > 0 for v in values)
+    if not ok:
+        need = "three numbers above 0" if key == "std" else "three finite numbers"
+        raise UserError(f"{path}'s {key} {values!r} is not {need}, one per colour channel: pass the last.pt or "
+                        f"best.pt a training run wrote")

@@ -116,7 +116,7 @@ def run_predict(args):
         check_folder(args.gradcam, "--gradcam")
     files = image_files(args.images)
     device = pick_device(args.device)
-    model, info = load_trained(args.checkpoint, device)
+    model, info = load_trained(args.checkpoint, device, flag="--checkpoint")
     images = np.stack([read_image(path) for path in files])
     x = prepare(images, info, device)
     probs = torch.cat([predict(model, x[i:i + args.batch_size], tta=args.tta)

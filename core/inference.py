@@ -18,13 +18,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 SIZE = 32
 
 
-def load_trained(path, device="cpu", model_name=None, live=False):
+def load_trained(path, device="cpu", model_name=None, live=False, flag="--resume"):
     """(model, info) from a checkpoint: the model rebuilt from its flags (whitening basis, logit
     scale and every model flag as trained) with the weights the run evaluated (the average, where
     it kept one, unless ``live``), in eval mode on ``device``; ``info`` holds ``classes`` (in label
     order), ``mean`` and ``std`` (the normalization it trained with), ``recipe`` (its name),
-    ``flags`` and ``weights`` ('ema' or 'model'). ``model_name`` refuses a checkpoint of another model."""
-    ckpt = load_checkpoint(path, model_name, purpose="evaluate")
+    ``flags`` and ``weights`` ('ema' or 'model'). ``model_name`` refuses a checkpoint of another model;
+    ``flag`` names the flag that gave ``path``."""
+    ckpt = load_checkpoint(path, model_name, purpose="evaluate", flag=flag)
     recipe = RECIPES.get(ckpt["model_name"])
     if recipe is None:
         raise UserError(f"{path} holds a '{ckpt['model_name']}' model, which this version does not know")

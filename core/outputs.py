@@ -12,6 +12,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from .errors import UserError
 
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
@@ -126,28 +131,80 @@ def remove_stale_temp_files(folder):
 
 
 @contextlib.contextmanager
+def _takeovers_serialized(folder):
+    """Only one process at a time may remove a stale lock from ``folder``: an flock on the folder
+    itself, which the kernel drops when its holder dies, so this mutex can never go stale. Where
+    there is no flock (Windows), takeovers are not serialized."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # which releases the flock
+
+
+def _lock_holder(lock):
+    """The pid a lock file names; None once it is gone, 0 for a file that names none."""
+    try:
+        return int(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return 0
+
+
+def _publish_lock(mine, lock):
+    """Put the complete file ``mine`` at ``lock`` unless a lock is there: a hard link, which fails
+    if ``lock`` exists, so no reader ever sees the lock without its pid."""
+    try:
+        os.link(mine, lock)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network and container file systems)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+
+
+def _remove_if_stale(lock, folder):
+    """Remove ``lock`` if the process it names has died, or refuse in one line while it lives. The
+    holder is read again under the takeover mutex, so the file removed is the dead one: a live
+    holder's lock can be removed only by that holder."""
+    with _takeovers_serialized(folder):
+        holder = _lock_holder(lock)
+        if holder is None:
+            return
+        if holder and holder != os.getpid() and _alive(holder):
+            raise UserError(f"another run (process {holder}) is writing into {folder}: wait for it to end, or "
+                            f"choose another --out (if no run is writing there, delete {lock})")
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+@contextlib.contextmanager
 def claimed(folder):
     """Hold ``folder`` for this run: a lock file naming this process, refused while another live
-    process holds it, taken over when its holder died without removing it."""
+    process holds it, taken over when its holder died without removing it. The pid is written
+    before the lock appears under its name, so a process never takes a lock being written for
+    stale."""
     lock = Path(folder) / LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
+    mine = Path(temp_path(lock))
+    mine.write_text(str(os.getpid()))
+    try:
+        for _ in range(3):
             try:
-                holder = int(lock.read_text() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder and holder != os.getpid() and _alive(holder):
-                raise UserError(f"another run (process {holder}) is writing into {folder}: wait for it to end, "
-                                f"or choose another --out") from None
-            with contextlib.suppress(OSError):
-                lock.unlink()
-    else:
-        raise UserError(f"could not claim {folder} ({lock} keeps coming back): is another run starting there?")
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
+                _publish_lock(mine, lock)
+                break
+            except FileExistsError:
+                _remove_if_stale(lock, folder)
+        else:
+            raise UserError(f"could not claim {folder} ({lock} keeps coming back): is another run starting there?")
+    finally:
+        with contextlib.suppress(OSError):
+            mine.unlink()
     try:
         yield
     finally:

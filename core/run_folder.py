@@ -42,7 +42,7 @@ def check_run_folder(out, args, ckpt, script):
             raise UserError(f"{out} already holds a run ({', '.join(held)}): continue it with "
                             f"{resume_command(script, last)}, or pass --overwrite to replace it")
     elif last.exists() and not _same_file(last, args.resume):
-        there = load_checkpoint(last)["epoch"]
+        there = load_checkpoint(last, purpose="resume")["epoch"]
         if there > ckpt["epoch"]:
             raise UserError(f"{args.resume} holds epoch {ckpt['epoch']} but {last} is at epoch {there}: resuming "
                             f"would rewind {out}; resume {last}, or branch off with --out NEW_FOLDER")
