@@ -19,7 +19,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.build import load_data  # noqa: E402
-from core.cli import ArgumentParser, add_cache_arg, run_cli  # noqa: E402
+from core.cli import ArgumentParser, add_cache_arg, add_progress_arg, run_cli  # noqa: E402
 from core.device import autotune_convolutions, keep_freed_memory, make_scaler, pick_amp, pick_device  # noqa: E402
 from core.engine import synchronize, train_step  # noqa: E402
 from core.errors import UserError  # noqa: E402
@@ -109,6 +109,7 @@ def build_parser():
     p = ArgumentParser(prog="benchmarks/throughput.py", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="an image-folder root with train/<class>/ (the seeds' ImageFolder needs one)")
     add_cache_arg(p)
+    add_progress_arg(p)
     p.add_argument("--models", nargs="+", default=["resnet"], choices=sorted(RECIPES), help="models to measure")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="where both pipelines train; auto takes CUDA, then MPS, then the CPU")

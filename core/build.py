@@ -3,6 +3,7 @@ optimizer. A training run, a range test and ``--eval-only`` all build through he
 sees the same model and the same batches for the same flags."""
 
 import functools
+import os
 import platform
 import time
 
@@ -28,7 +29,8 @@ def load_data(args, need_train, data=None):
     cache = None if args.cache_dir == "none" else (args.cache_dir or DEFAULT_CACHE)
     if args.cache_dir not in (None, "none"):
         check_folder(args.cache_dir, "--cache-dir")
-    return load_dataset(data or "./data", need_train=need_train, download=data is None, cache_dir=cache)
+    return load_dataset(data or "./data", need_train=need_train, download=data is None, cache_dir=cache,
+                        progress=not args.no_progress)
 
 
 def pick_runtime(args):
@@ -72,6 +74,62 @@ def run_images(train, train_subset, val_split, num_classes):
     --val-split held out of those. Training and --eval-only both take them here, so a
     checkpoint's flags find its run's images again."""
     return hold_out(take(train, train_subset, num_classes), val_split, num_classes)
+
+
+def device_memory(device):
+    """The whole memory of ``device`` in bytes, or None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() if hasattr(torch.mps, "recommended_max_memory") else None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return None
+
+
+def _activation_elements(model, batch_size):
+    """The elements every module's output holds for one training batch, traced on the meta
+    device; 0 for a model whose forward pass the meta device cannot trace."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor) and not list(module.children()):
+            total += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        model.train()(torch.empty(batch_size, 3, 32, 32, device="meta"))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def check_model_fits(recipe, flags, num_classes, device, batch_size):
+    """Refuse in one line, before anything is allocated, a model that its flags make too large to
+    build or to train on ``device``. It is built on the meta device (shapes, no memory), and what
+    training must hold at the least (fp32 weights, their gradients and momentum, and one batch's
+    activations) is held against the device's whole memory: a lower bound, so nothing that fits
+    is refused."""
+    sizes = ", ".join(f"--{dest.replace('_', '-')} {value}" for dest, value in recipe.model_kwargs(flags).items()
+                      if isinstance(value, int) and not isinstance(value, bool))
+    try:
+        with torch.device("meta"):
+            model = build_model(recipe.name, num_classes=num_classes, **recipe.model_kwargs(flags))
+    except (RuntimeError, OverflowError, TypeError, ValueError, MemoryError) as exc:
+        raise UserError(f"the {recipe.name} model cannot be built with {sizes} ({exc.__class__.__name__}): "
+                        f"lower them") from None
+    params = sum(p.numel() for p in model.parameters())
+    need = 4 * (3 * params + _activation_elements(model, batch_size))
+    total = device_memory(device)
+    if total is not None and need > total:
+        raise UserError(f"the {recipe.name} model with {sizes} and --batch-size {batch_size} needs at least "
+                        f"{need / 2**30:,.1f} GiB ({params:,} parameters, their gradients and momentum, one batch's "
+                        f"activations), more than the {total / 2**30:,.1f} GiB of {device.type}: lower them")
 
 
 def make_model(recipe, flags, classes, device):
@@ -177,6 +235,7 @@ class Setup:
             raise UserError(f"--batch-size {args.batch_size} exceeds the {len(self.train.labels)} training images: "
                             f"lower it or enlarge --train-subset")
         self.mean, self.std = channel_stats(self.train.images)
+        check_model_fits(recipe, vars(args), len(self.ds.classes), self.device, args.batch_size)
         self.model = make_model(recipe, vars(args), self.ds.classes, self.device)
         first_flips = None
         if args.flip == "alternating":  # drawn from the seed alone, so a resumed run draws them again

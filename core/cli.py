@@ -9,8 +9,8 @@ import sys
 from .build import DECAY_EXEMPT, OPTIMIZERS
 from .compiled import COMPILE_MODES
 from .errors import UserError
-from .flags import (at_least_two, below_one, lr_or_find, non_negative_float, non_negative_int, positive_float,
-                    positive_int, seed_value, whole_number)
+from .flags import (at_least_two, below_one, learning_rate, lr_or_find, non_negative_float, non_negative_int,
+                    positive_float, positive_int, seed_value, whole_number)
 from .lr_finder import METHODS
 from .recipes import RECIPES
 
@@ -53,6 +53,10 @@ def add_cache_arg(p):
                    help="where decoded uint8 arrays are cached (default: ~/.cache/cifar-toolkit; 'none' disables)")
 
 
+def add_progress_arg(p):
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of tqdm bars")
+
+
 def add_data_args(p):
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, metavar="PATH",
@@ -87,7 +91,7 @@ def add_device_args(p):
                    help="deterministic cuDNN and torch kernels, no cuDNN autotuning: a CUDA run (and its resume) "
                         "repeats bit for bit, a little slower. CPU runs repeat without it")
     g.add_argument("--seed", type=seed_value, default=0, help="seed for init, data order and augmentation")
-    g.add_argument("--no-progress", action="store_true", help="plain log lines instead of tqdm bars")
+    add_progress_arg(g)
 
 
 def add_param_group_args(g, script_defaults=False):
@@ -102,6 +106,13 @@ def add_param_group_args(g, script_defaults=False):
     g.add_argument("--decay-exempt", choices=DECAY_EXEMPT, default=defaults[1],
                    help="train these with no weight decay: bias-norm: every bias and normalization weight; "
                         "bias-norm-depthwise: also the depthwise filters (nine weights each)" + note)
+
+
+def add_sweep_length_arg(g):
+    """--num-iter, in the range test and, for --lr-max find, in the train scripts."""
+    g.add_argument("--num-iter", type=at_least_two, default=100,
+                   help="training steps in the LR range test's sweep, each at --batch-size (fewer if the loss "
+                        "diverges first); a train script takes it with --lr-max find")
 
 
 def format_preset(values):
@@ -121,10 +132,13 @@ def build_train_parser(recipe):
     g.add_argument("--batch-size", type=positive_int, help="training batch size")
     g.add_argument("--eval-batch-size", type=positive_int, default=1024, help="evaluation batch size")
     g.add_argument("--lr-max", type=lr_or_find,
-                   help="one-cycle peak LR, or 'find' to run the LR range test first and use its suggestion")
-    g.add_argument("--lr-min", type=positive_float, help="one-cycle start and end LR (no annihilation)")
+                   help="one-cycle peak LR, or 'find' to run the LR range test first and use its suggestion (the "
+                        "sweep trains --num-iter steps at --batch-size, then training starts from the same weights)")
+    g.add_argument("--lr-min", type=learning_rate, help="one-cycle start and end LR (no annihilation)")
     g.add_argument("--lr-from", default=None, metavar="JSON",
-                   help="take --lr-max and --lr-min from a saved lr_finder.json")
+                   help="take --lr-max and --lr-min from a saved lr_finder.json that swept this model with this "
+                        "--optimizer (refused beside --lr-max or --lr-min; it replaces a preset's bounds)")
+    add_sweep_length_arg(g)
     g.add_argument("--max-at-epoch", type=positive_float, default=None,
                    help="epoch at which the LR peaks (default: 5, or 5/24 of --epochs when that is fewer)")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), help="; ".join(f"{k}: {v}" for k, v in OPTIMIZERS.items()))
@@ -159,14 +173,16 @@ def build_train_parser(recipe):
     g.add_argument("--out", default=None, metavar="DIR",
                    help=f"output folder (default: runs/{recipe.name}-<timestamp>, or the checkpoint's folder on --resume)")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace the run that --out already holds (its checkpoints, metrics and range test)")
+                   help="replace the run that --out already holds (its checkpoints, metrics and range test); with "
+                        "--eval-only, write into an --out that is not empty")
     g.add_argument("--save-every", type=positive_int, default=1, metavar="N",
                    help="write last.pt after every Nth epoch and the last (best.pt whenever the run improves); "
                         "an interrupted run resumes from the last one written")
     g.add_argument("--resume", default=None, metavar="PATH",
                    help="continue from a last.pt or best.pt, in its folder unless --out is given")
     g.add_argument("--eval-only", action="store_true",
-                   help="with --resume: evaluate the checkpoint on --data's test split and write eval.json")
+                   help="with --resume: evaluate the checkpoint on --data's test split and write eval.json and its "
+                        "figures to --out (default: a new eval-<timestamp> folder beside the checkpoint)")
     g.add_argument("--eval-split", choices=("test", "val"), default="test",
                    help="with --eval-only: score the test split, or the images the run held out with --val-split")
     g.add_argument("--live-weights", action="store_true",
@@ -223,10 +239,9 @@ def build_range_test_parser():
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None, help="default: the train script's")
     g.add_argument("--weight-decay", type=non_negative_float, default=None, help="default: the train script's")
     add_param_group_args(g, script_defaults=True)
-    g.add_argument("--start-lr", type=positive_float, default=1e-5, help="the LR of the sweep's first step")
-    g.add_argument("--end-lr", type=positive_float, default=10.0, help="the LR of its last step")
-    g.add_argument("--num-iter", type=at_least_two, default=100,
-                   help="training steps in the sweep (fewer if the loss diverges first)")
+    g.add_argument("--start-lr", type=learning_rate, default=1e-5, help="the LR of the sweep's first step")
+    g.add_argument("--end-lr", type=learning_rate, default=10.0, help="the LR of its last step")
+    add_sweep_length_arg(g)
     g.add_argument("--mode", choices=["exp", "linear"], default="exp", help="LR spacing")
     g.add_argument("--method", choices=METHODS, default=None,
                    help="how lr_max is read off the curve (default: min_div_2 for SGD, conservative for Adam; "
@@ -236,6 +251,9 @@ def build_range_test_parser():
                         "split's loss is recorded, --val or not")
     add_device_args(p)
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/lr-find-<model>-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds a run or another range test, replacing its lr_finder.json "
+                        "and .png (with --plot-schedules: into a folder that is not empty)")
     p.add_argument("--plot-schedules", action="store_true",
                    help="only draw the triangular cyclic LR and the ResNet recipe's one-cycle LR and momentum")
     return p
@@ -267,6 +285,7 @@ def build_predict_parser():
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
     p.add_argument("--gradcam", default=None, metavar="DIR",
                    help="also write each image with the Grad-CAM of its top class to DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace Grad-CAM images already in --gradcam DIR")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="where to run; auto takes CUDA, then MPS, then the CPU")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")

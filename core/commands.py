@@ -6,7 +6,6 @@ import argparse
 import json
 import shlex
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from .inference import image_files, load_trained, predict, prepare, read_image, 
 from .lr_finder_runner import find_bounds
 from .outputs import check_folder, make_folder
 from .recipes import RECIPES
+from .run_folder import check_new_or_empty, check_range_test_folder, claimed_folder, new_folder
 from .trainer import run_training
 
 
@@ -41,18 +41,19 @@ def range_test_main(argv=None):
 
 
 def run_range_test(args):
-    out = Path(args.out or f"runs/lr-find-{args.model}-{datetime.now():%Y%m%d-%H%M%S}")
+    out = Path(args.out) if args.out else new_folder(Path("runs"), f"lr-find-{args.model}")
     if args.plot_schedules:
-        make_folder(out)
-        for path in plots.plot_schedule_examples(out, "ResNet", RECIPES["resnet"].defaults):
-            print(f"wrote {path}")
+        check_new_or_empty(out, args.overwrite, "--plot-schedules")
+        with claimed_folder(out):
+            for path in plots.plot_schedule_examples(out, "ResNet", RECIPES["resnet"].defaults):
+                print(f"wrote {path}")
         return 0
     if args.start_lr >= args.end_lr:
         raise UserError(f"--start-lr {args.start_lr} must be below --end-lr {args.end_lr}")
     recipe = RECIPES[args.model]
     script_defaults = vars(build_train_parser(recipe).parse_args([]))
     train_args = recipe_flags(script_defaults, args)
-    check_folder(out)
+    check_range_test_folder(out, args.overwrite)
     with deterministic_algorithms(train_args.deterministic):
         return sweep(recipe, args, train_args, script_defaults, out)
 
@@ -61,16 +62,16 @@ def sweep(recipe, args, train_args, script_defaults, out):
     """The range test itself, and what it prints: the curve's readings and the command to train with
     (``script_defaults``: the train script's own flag values, which that command need not spell out)."""
     s = Setup(recipe, train_args)
-    make_folder(out)
     print(s.summary)
     val_loader = s.val_loader  # --val-split's images, where the run holds them
     if val_loader is None and args.val:
         val_loader = s.test_loader
-    record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
-                         start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
-                         optimizer_name=train_args.optimizer, method=args.method,
-                         val_loader=val_loader, settings=plain_flags(args),
-                         advice="widen --start-lr/--end-lr or raise --num-iter")
+    with claimed_folder(out):
+        record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
+                             start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
+                             model_name=recipe.name, optimizer_name=train_args.optimizer, method=args.method,
+                             val_loader=val_loader, settings=plain_flags(args), progress=not args.no_progress,
+                             advice="widen --start-lr/--end-lr or raise --num-iter")
     steps = len(record["lrs"])
     stop = f", stopped at step {record['diverged_at']} as the loss diverged" if record["diverged_at"] is not None else ""
     print(f"\nRange test: {steps} steps from {record['lrs'][0]:.3g} to {record['lrs'][-1]:.3g}{stop}")
@@ -111,10 +112,22 @@ def predict_main(argv=None):
     return run_cli(run_predict, argv, build_predict_parser())
 
 
+def gradcam_paths(folder, files, overwrite):
+    """Where predict.py --gradcam draws each image; refused, unless --overwrite, where one of
+    them is already there (an earlier prediction's)."""
+    paths = [Path(folder) / f"{i:04d}-{path.stem}-gradcam.png" for i, path in enumerate(files)]
+    there = [p.name for p in paths if p.exists()]
+    if there and not overwrite:
+        raise UserError(f"--gradcam {folder} already holds {there[0]}" + (f" and {len(there) - 1} more" if len(there) > 1
+                        else "") + ": choose another folder, or pass --overwrite to replace them")
+    return paths
+
+
 def run_predict(args):
+    files = image_files(args.images)
     if args.gradcam:
         check_folder(args.gradcam, "--gradcam")
-    files = image_files(args.images)
+        targets = gradcam_paths(args.gradcam, files, args.overwrite)
     device = pick_device(args.device)
     model, info = load_trained(args.checkpoint, device, flag="--checkpoint")
     images = np.stack([read_image(path) for path in files])
@@ -132,8 +145,7 @@ def run_predict(args):
         top = probs.argmax(1)
         layer, step = default_cam_layer(model), args.batch_size
         cams = torch.cat([grad_cam(model, x[i:i + step], layer, top[i:i + step]) for i in range(0, len(x), step)])
-        for i, path in enumerate(files):
-            target = Path(args.gradcam) / f"{i:04d}-{path.stem}-gradcam.png"
+        for i, (path, target) in enumerate(zip(files, targets)):
             plots.plot_image_cam(images[i], cams[i].cpu().numpy(), f"{path.name}: {info['classes'][top[i]]} "
                                  f"({probs[i, top[i]]:.2f})", target)
         print(f"Wrote {len(files)} Grad-CAM images to {args.gradcam}")

@@ -116,10 +116,11 @@ def _cache_save(file, ds):
               f"going on without the cache", file=sys.stderr)
 
 
-def load_dataset(data, need_train=True, download=False, cache_dir=DEFAULT_CACHE):
+def load_dataset(data, need_train=True, download=False, cache_dir=DEFAULT_CACHE, progress=True):
     """Load CIFAR-10 from ``data`` (see the module docstring), downloading it there if asked.
 
-    ``need_train=False`` accepts a source with only a test split (for --eval-only).
+    ``need_train=False`` accepts a source with only a test split (for --eval-only). ``progress``:
+    a bar while image files are decoded, else a line every few thousand.
     """
     path = Path(data).expanduser()
     if download and (not path.exists() or (path.is_dir() and not any(path.iterdir()))):
@@ -135,14 +136,13 @@ def load_dataset(data, need_train=True, download=False, cache_dir=DEFAULT_CACHE)
         raise UserError(f"data folder {path} is empty: put CIFAR-10 there or point --data elsewhere")
     if path.is_file() and not path.name.lower().endswith(ARCHIVE_SUFFIXES):
         raise UserError(f"{path} is a file but not a .tar, .tar.gz or .tgz archive")
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"cifar10-{_fingerprint(path)}.npz"
-        if cache.exists():
-            ds = _cache_load(cache, need_train)
-            if ds is not None:
-                return ds
-    ds = load_archive(path, need_train) if path.is_file() else load_folder(path, need_train)
-    if cache is not None:
-        _cache_save(cache, ds)
+    cache = Path(cache_dir) / f"cifar10-{_fingerprint(path)}.npz" if cache_dir is not None else None
+    ds = _cache_load(cache, need_train) if cache is not None and cache.exists() else None
+    if ds is None:
+        ds = load_archive(path, need_train, progress) if path.is_file() else load_folder(path, need_train, progress)
+        if cache is not None:
+            _cache_save(cache, ds)
+    if len(ds.classes) < 2:
+        raise UserError(f"{path} holds {len(ds.classes)} class ({', '.join(ds.classes)}): a classifier needs at "
+                        f"least two, each a folder of images under train/ and test/")
     return ds

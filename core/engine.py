@@ -1,16 +1,15 @@
 """The training engine shared by every script: one step, one epoch, evaluation, and the fit loop."""
 
 import math
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import update_bn
-from tqdm import tqdm
 
 from .augment import crop_at
 from .device import autocast
+from .progress import bar as progress_bar
 
 
 def train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler):
@@ -27,13 +26,6 @@ def train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler):
     return loss.detach(), logits.detach()
 
 
-def _bar(iterable, total, desc, progress):
-    """A tqdm bar on a terminal; None (plain log lines instead) when piped or --no-progress."""
-    if not (progress and sys.stderr.isatty()):
-        return None
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=True)
-
-
 def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, scaler,
                 progress=True, log_every=10, desc="train", ema=None):
     """Train for one pass over ``loader``, stepping ``schedule`` (and ``ema``) after every batch.
@@ -47,7 +39,7 @@ def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, 
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    bar = _bar(loader, len(loader), desc, progress)
+    bar = progress_bar(loader, len(loader), desc, progress)
     start = time.perf_counter()
     first_step_s = None
     for i, (x, y) in enumerate(bar if bar is not None else loader):
@@ -102,19 +94,21 @@ def padded_batch(x, size):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype, keep_predictions=False, tta=False, tta_shift=0, pad_to=None):
+def evaluate(model, loader, device, amp_dtype, keep_predictions=False, tta=False, tta_shift=0, pad_to=None,
+             progress=False):
     """Mean cross-entropy and accuracy over ``loader`` (in order); optionally every prediction.
 
     ``tta`` averages the logits of each image and its mirror image: a cheap, steady gain.
     ``tta_shift`` also averages shifted copies (see ``tta_views``), for a smaller gain at three
     times the cost. ``pad_to`` pads a smaller last batch to that size (``padded_batch``), for a
-    compiled model.
+    compiled model. ``progress``: a bar on a terminal (evaluation with TTA can take minutes on a CPU).
     """
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     preds = []
-    for x, y in loader:
+    bar = progress_bar(loader, len(loader), "evaluate", progress)
+    for x, y in bar if bar is not None else loader:
         if pad_to and len(x) < pad_to:
             x = padded_batch(x, pad_to)
         views = tta_views(x, flip=tta, shift=tta_shift)
@@ -126,6 +120,8 @@ def evaluate(model, loader, device, amp_dtype, keep_predictions=False, tta=False
         correct += (pred == y).sum()
         if keep_predictions:
             preds.append(pred)
+    if bar is not None:
+        bar.close()
     total = len(loader.labels)
     result = {"loss": loss_sum.item() / total, "correct": int(correct.item()), "total": total}
     result["acc"] = 100 * result["correct"] / total

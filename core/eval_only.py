@@ -1,8 +1,6 @@
 """``--eval-only``: score a checkpoint on a test split (or its run's validation split), anywhere,
 and write eval.json with the confusion matrix, and the error figures (confusion.png,
-misclassified.png, gradcam.png)."""
-
-from pathlib import Path
+misclassified.png, gradcam.png), into a folder of their own: never over the run's own."""
 
 import torch
 
@@ -10,8 +8,9 @@ from .build import bn_images, load_data, pick_runtime, plain_batches, run_images
 from .engine import evaluate, format_test_line, recalibrate_bn
 from .errors import UserError
 from .inference import load_trained
-from .outputs import check_folder, make_folder, write_json
+from .outputs import write_json
 from .report import write_error_report
+from .run_folder import check_new_or_empty, claimed_folder, eval_folder
 
 
 def run_splits(args, ds, flags, num_classes, data):
@@ -38,10 +37,10 @@ def evaluate_checkpoint(recipe, args):
     """The model is rebuilt from the checkpoint's own flags, and normalized with the training
     statistics it saved, so a test split alone is enough (except for --recalibrate-bn and
     --eval-split val). Without --data the checkpoint's own data is read, as a resume would."""
-    out = Path(args.out) if args.out else Path(args.resume).parent
+    out = eval_folder(args)
+    check_new_or_empty(out, args.overwrite, "--eval-only")
     device, amp_dtype = pick_runtime(args)
     model, info = load_trained(args.resume, device, recipe.name, live=args.live_weights)
-    check_folder(out)
     data = args.data or info["flags"].get("data")
     ds = load_data(args, need_train=False, data=data)
     classes, mean, std = info["classes"], info["mean"], info["std"]
@@ -58,16 +57,18 @@ def evaluate_checkpoint(recipe, args):
         recalibrate_bn(model, bn_loader, device, amp_dtype)
     scored = val if args.eval_split == "val" else take(ds.test, args.test_subset, len(classes))
     loader = plain_batches(args, scored, device, mean, std)
-    result = evaluate(model, loader, device, amp_dtype, keep_predictions=True, tta=args.tta, tta_shift=args.tta_shift)
+    result = evaluate(model, loader, device, amp_dtype, keep_predictions=True, tta=args.tta, tta_shift=args.tta_shift,
+                      progress=not args.no_progress)
     split = args.eval_split
     named = "validation" if split == "val" else "test"  # as the log lines and the per-class table say it
     print(format_test_line(result, named.capitalize()))
-    make_folder(out)
-    report = write_error_report(out, model, scored, result["predictions"].numpy(), classes, mean, std,
-                                tta=args.tta, tta_shift=args.tta_shift, split=named)
-    write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": data, "split": split,
-                                   f"{split}_acc": result["acc"], f"{split}_loss": result["loss"],
-                                   "correct": result["correct"], "total": result["total"],
-                                   "tta": args.tta, "tta_shift": args.tta_shift, "weights": info["weights"],
-                                   "recalibrate_bn": args.recalibrate_bn, **report})
+    with claimed_folder(out):
+        report = write_error_report(out, model, scored, result["predictions"].numpy(), classes, mean, std,
+                                    tta=args.tta, tta_shift=args.tta_shift, split=named)
+        write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": data, "split": split,
+                                       f"{split}_acc": result["acc"], f"{split}_loss": result["loss"],
+                                       "correct": result["correct"], "total": result["total"],
+                                       "tta": args.tta, "tta_shift": args.tta_shift, "weights": info["weights"],
+                                       "recalibrate_bn": args.recalibrate_bn, **report})
+    print(f"Wrote eval.json and its figures to {out}")
     return 0

@@ -80,8 +80,20 @@ def seed_value(text):
     return value
 
 
+# The largest float32: the optimizers' kernels convert an LR to the parameters' precision, and a
+# larger one overflows there.
+MAX_LR = 3.4e38
+
+
+def learning_rate(text):
+    value = positive_float(text)
+    if value > MAX_LR:
+        raise argparse.ArgumentTypeError(f"{value} is above {MAX_LR:g}, the largest LR a float32 optimizer can apply")
+    return value
+
+
 def lr_or_find(text):
-    return "find" if text == "find" else positive_float(text)
+    return "find" if text == "find" else learning_rate(text)
 
 
 def peak_epoch(args):
@@ -106,6 +118,17 @@ def validate(args):
                         f"over about 100 steps")
     if args.runs > 1 and args.resume:
         raise UserError("--runs repeats whole runs; resume each run's last.pt on its own instead")
+
+
+def refuse_contradictions(args, given):
+    """Flags typed together (``given``: their dests) that one of them would silently override."""
+    if args.lr_from and given & {"lr_max", "lr_min"}:
+        typed = " and ".join(f"--{d.replace('_', '-')}" for d in sorted(given & {"lr_max", "lr_min"}))
+        raise UserError(f"--lr-from {args.lr_from} gives --lr-max and --lr-min: drop {typed}, or drop --lr-from")
+    if args.lr_max == "find" and "lr_min" in given:
+        raise UserError("--lr-max find reads --lr-min off the sweep too: drop --lr-min, or give --lr-max as a number")
+    if "num_iter" in given and args.lr_max != "find":
+        raise UserError("--num-iter sets the length of --lr-max find's sweep: add --lr-max find, or drop --num-iter")
 
 
 def plain_flags(args):

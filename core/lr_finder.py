@@ -33,6 +33,7 @@ import torch
 
 from .device import autocast, make_scaler
 from .engine import train_step
+from .progress import Ticker
 
 METHODS = ("steepest", "valley", "min_div_2", "min_div_10", "conservative")
 # The default (lr_max method, lr_max / lr_min) per optimizer; see the module docstring.
@@ -54,8 +55,9 @@ def lr_schedule(start_lr, end_lr, num_iter, mode="exp"):
     if num_iter < 2:
         raise ValueError(f"num_iter must be at least 2, got {num_iter!r}")
     last = num_iter - 1
-    if mode == "exp":
-        lrs = [start_lr * (end_lr / start_lr) ** (i / last) for i in range(num_iter)]
+    if mode == "exp":  # in log space: end_lr / start_lr itself may overflow
+        log_start, log_end = math.log(start_lr), math.log(end_lr)
+        lrs = [math.exp(log_start + (log_end - log_start) * i / last) for i in range(num_iter)]
     else:
         lrs = [start_lr + (end_lr - start_lr) * i / last for i in range(num_iter)]
     lrs[0], lrs[-1] = start_lr, end_lr
@@ -102,7 +104,7 @@ class RangeTestResult:
 
 def range_test(model, optimizer, loss_fn, train_batches, *, start_lr=1e-7, end_lr=10,
                num_iter=100, mode="exp", smooth=0.98, diverge=5.0, val_batches=None, device,
-               amp_dtype=None, scaler=None):
+               amp_dtype=None, scaler=None, progress=True, log_every=10):
     """Sweep the LR over ``num_iter`` training steps and record the loss; see the module docstring.
 
     ``train_batches`` is re-iterable (a list, or a loader that starts a new epoch on each
@@ -111,7 +113,9 @@ def range_test(model, optimizer, loss_fn, train_batches, *, start_lr=1e-7, end_l
     mode the loss recorded for a step is that step's batch loss, measured before its update; with
     ``val_batches`` it is the mean loss over them after the update, in eval mode. The sweep
     stops once the smoothed loss exceeds ``diverge`` times the best so far, or stops being
-    finite. Everything the sweep changes is restored afterwards, even if it raises.
+    finite. Everything the sweep changes is restored afterwards, even if it raises. ``progress``:
+    a bar on a terminal, else (or without it) a line every ``log_every`` steps with the step's
+    LR and smoothed loss, which the sweep reads on the host every step anyway.
     """
     schedule = lr_schedule(start_lr, end_lr, num_iter, mode)
     if scaler is None:
@@ -120,7 +124,8 @@ def range_test(model, optimizer, loss_fn, train_batches, *, start_lr=1e-7, end_l
                              loss_kind="train" if val_batches is None else "val")
     ema = DebiasedEMA(smooth)
     best = math.inf
-    with _restored_afterwards(model, optimizer, scaler, device):
+    ticker = Ticker(num_iter, "range test step", log_every, enabled=progress)
+    with _restored_afterwards(model, optimizer, scaler, device), contextlib.closing(ticker):
         model.train()
         for i, (lr, (x, y)) in enumerate(zip(schedule, _cycle(train_batches))):
             for group in optimizer.param_groups:
@@ -134,6 +139,7 @@ def range_test(model, optimizer, loss_fn, train_batches, *, start_lr=1e-7, end_l
             result.lrs.append(lr)
             result.raw_losses.append(raw)
             result.losses.append(smoothed)
+            ticker.step(f"LR {lr:.4g}, smoothed loss {smoothed:.4f}")
             if not math.isfinite(smoothed) or smoothed > diverge * best:
                 result.diverged_at = i
                 break

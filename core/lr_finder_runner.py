@@ -31,16 +31,17 @@ class LRBounds:
         return dataclasses.asdict(self)
 
 
-def resolve_lr_bounds(args, setup, out):
-    """The bounds for a new run: from --lr-from's file, a range test run now (--lr-max find), or
-    --lr-max and --lr-min as given."""
+def resolve_lr_bounds(args, setup, out, model_name):
+    """The bounds for a new run of ``model_name``: from --lr-from's file, a range test run now
+    (--lr-max find), or --lr-max and --lr-min as given."""
     if args.lr_from:
-        lr_max, lr_min = load_bounds(args.lr_from)
+        lr_max, lr_min = load_bounds(args.lr_from, model_name, args.optimizer)
         return LRBounds(lr_max, lr_min, f"lr_from:{args.lr_from}")
     if args.lr_max == "find":
         s = setup
         record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
-                             optimizer_name=args.optimizer, settings=plain_flags(args),
+                             num_iter=args.num_iter, model_name=model_name, optimizer_name=args.optimizer,
+                             settings=plain_flags(args), progress=not args.no_progress,
                              advice="give --lr-max and --lr-min instead, or read them off lr_range_test.py with a "
                                     "wider --start-lr/--end-lr and pass its lr_finder.json with --lr-from")
         source = f"range test: lr_max by {record['method']}, lr_min {record['lr_min_method']}; see lr_finder.png"
@@ -72,11 +73,13 @@ def _generators_restored(loader):
 
 
 def find_bounds(model, optimizer, loss_fn, loader, device, amp_dtype, out, *, start_lr=1e-5, end_lr=10.0,
-                num_iter=100, mode="exp", optimizer_name, method=None, val_loader=None, settings=None,
-                advice):
+                num_iter=100, mode="exp", model_name, optimizer_name, method=None, val_loader=None, settings=None,
+                progress=True, advice):
     """Sweep, suggest lr_max and lr_min, and write ``out``/lr_finder.json and lr_finder.png.
 
-    ``optimizer_name`` ('sgd' or 'adam') picks the default reading; ``method`` overrides it.
+    ``model_name`` and ``optimizer_name`` are recorded, so that --lr-from can refuse the bounds
+    for another model or optimizer; ``optimizer_name`` ('sgd', 'adam' or 'adamw') also picks the
+    default reading, which ``method`` overrides. ``progress``: a bar, else a line every few steps.
     The model, the optimizer and the loader's generators come back exactly as they were, so
     training right after it is the training the found bounds would get on their own.
     ``settings``: the flags as plain values, recorded in the JSON. ``advice``: what the error for a
@@ -84,13 +87,13 @@ def find_bounds(model, optimizer, loss_fn, loader, device, amp_dtype, out, *, st
     """
     with _generators_restored(loader):
         result = range_test(model, optimizer, loss_fn, loader, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
-                            mode=mode, val_batches=val_loader, device=device, amp_dtype=amp_dtype)
+                            mode=mode, val_batches=val_loader, device=device, amp_dtype=amp_dtype, progress=progress)
     try:
         bounds = suggest_bounds(result.lrs, result.losses, optimizer_name, method)
         suggestions = {m: suggest(result.lrs, result.losses, m) for m in METHODS}
     except ValueError as exc:
         raise UserError(f"the LR range test found no usable LR ({exc}): {advice}") from None
-    record = {**bounds, "suggestions": suggestions, "lrs": result.lrs, "losses": result.losses,
+    record = {"model": model_name, "optimizer": optimizer_name, **bounds, "suggestions": suggestions, "lrs": result.lrs, "losses": result.losses,
               "raw_losses": [x if math.isfinite(x) else None for x in result.raw_losses],
               "diverged_at": result.diverged_at, "mode": mode, "loss_kind": result.loss_kind,
               "args": settings or {}}
@@ -100,16 +103,26 @@ def find_bounds(model, optimizer, loss_fn, loader, device, amp_dtype, out, *, st
     return record
 
 
-def load_bounds(path):
-    """(lr_max, lr_min) from a saved lr_finder.json."""
+def load_bounds(path, model_name, optimizer_name):
+    """(lr_max, lr_min) from a saved lr_finder.json, which must have swept ``model_name`` with
+    ``optimizer_name``: another net's or optimizer's bounds would train, just badly."""
     try:
         with open(path) as f:
             record = json.load(f)
         lr_max, lr_min = float(record["lr_max"]), float(record["lr_min"])
+        swept, swept_with = record["model"], record["optimizer"]
     except FileNotFoundError:
         raise UserError(f"--lr-from {path}: no such file; run lr_range_test.py first") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"--lr-from {path} is not an lr_finder.json ({exc.__class__.__name__}: {exc})") from None
+        raise UserError(f"--lr-from {path} is not an lr_finder.json of this version ({exc.__class__.__name__}: "
+                        f"{exc}); run lr_range_test.py again") from None
+    if swept != model_name:
+        raise UserError(f"--lr-from {path} swept the '{swept}' model, but this script trains '{model_name}': "
+                        f"run lr_range_test.py --model {model_name}")
+    if swept_with != optimizer_name:
+        raise UserError(f"--lr-from {path} swept with --optimizer {swept_with}, but this run trains with "
+                        f"{optimizer_name}: pass --optimizer {swept_with}, or sweep again with --optimizer "
+                        f"{optimizer_name}")
     if not 0 < lr_min < lr_max:
         raise UserError(f"--lr-from {path}: lr_min {lr_min} and lr_max {lr_max} must satisfy 0 < lr_min < lr_max")
     return lr_max, lr_min

@@ -15,7 +15,7 @@ from .errors import UserError
 # Flags that say where and how to run, not what to train: on --resume they come from the
 # command line; everything else comes from the checkpoint, so the run continues unchanged.
 RUN_PLACE_FLAGS = frozenset({"data", "cache_dir", "out", "overwrite", "device", "no_progress", "resume", "eval_only",
-                             "compile", "runs", "save_every"})
+                             "compile", "save_every"})
 
 
 def _spelled(dest, value):

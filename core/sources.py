@@ -6,6 +6,7 @@ is written anywhere and a member that climbs out of the archive's root is refuse
 are unpickled with a loader that admits numpy arrays and builtins only.
 """
 
+import contextlib
 import io
 import os
 import pickle
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .progress import Ticker
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -167,7 +169,27 @@ def _group_image_files(paths):
 # --------------------------------------------------------------------------- sources
 
 
-def load_folder(root, need_train):
+# A line every this many images decoded, when no bar is drawn: the JPEG copy's 60,000 take a
+# while on a laptop's CPU.
+DECODE_LOG_EVERY = 10_000
+
+
+def _decoding(n, where, progress):
+    """The ticker of ``n`` images decoded from ``where``, announced in a line first."""
+    print(f"Decoding {n:,} images from {where}", flush=True)
+    return Ticker(n, "decoded", DECODE_LOG_EVERY, enabled=progress)
+
+
+def _counted(decode, ticker):
+    """``decode`` that steps ``ticker`` after each image."""
+    def decode_one(*args):
+        image = decode(*args)
+        ticker.step()
+        return image
+    return decode_one
+
+
+def load_folder(root, need_train, progress=True):
     batches = root / BATCHES_DIR if (root / BATCHES_DIR).is_dir() else root
     if (batches / "test_batch").exists() or (batches / "data_batch_1").exists():
         return _from_batches(lambda n: (batches / n).read_bytes(), lambda n: (batches / n).exists(),
@@ -180,8 +202,10 @@ def load_folder(root, need_train):
     if len(roots) > 1:
         raise UserError(f"{root} holds several image-folder roots ({', '.join('/'.join(r) or '.' for r in roots)}): "
                         f"point --data at one of them")
-    return _from_image_files(files, lambda n: _decode_image((root / n).read_bytes(), f"{root}/{n}"), str(root),
-                             need_train)
+    count = sum(len(names) for per_class in files.values() for names in per_class.values())
+    with contextlib.closing(_decoding(count, root, progress)) as ticker:
+        return _from_image_files(files, _counted(lambda n: _decode_image((root / n).read_bytes(), f"{root}/{n}"),
+                                                 ticker), str(root), need_train)
 
 
 def safe_members(tar, path):
@@ -210,7 +234,7 @@ def _read_members(tar, members, wanted, limit, path, use):
             use(name, tar.extractfile(member).read())
 
 
-def load_archive(path, need_train):
+def load_archive(path, need_train, progress=True):
     """Only the members the dataset needs are read, and images are decoded as they are read, so
     the load holds little more than the decoded images, whatever else the archive carries."""
     try:
@@ -230,8 +254,10 @@ def load_archive(path, need_train):
                 raise UserError(f"{path} holds several image-folder roots; pack only one")
             images = {}
             wanted = {name for per_class in files.values() for names in per_class.values() for name in names}
-            _read_members(tar, members, wanted, MAX_IMAGE_BYTES, path,
-                          lambda name, raw: images.__setitem__(name, _decode_image(raw, f"{path}/{name}")))
+            with contextlib.closing(_decoding(len(wanted), path, progress)) as ticker:
+                decode = _counted(lambda name, raw: _decode_image(raw, f"{path}/{name}"), ticker)
+                _read_members(tar, members, wanted, MAX_IMAGE_BYTES, path,
+                              lambda name, raw: images.__setitem__(name, decode(name, raw)))
             return _from_image_files(files, images.__getitem__, str(path), need_train)
     except (tarfile.TarError, EOFError, OSError, KeyError) as exc:
         reason = (str(exc).splitlines() or [""])[0].rstrip(":")  # tarfile's messages run over several lines

@@ -17,7 +17,7 @@ from .device import deterministic_algorithms, make_scaler
 from .engine import NonFiniteLoss, evaluate, format_test_line, recalibrate_bn, train_epoch
 from .errors import UserError
 from .eval_only import evaluate_checkpoint
-from .flags import peak_epoch, plain_flags, validate
+from .flags import peak_epoch, plain_flags, refuse_contradictions, validate
 from .lr_finder_runner import checkpoint_bounds, resolve_lr_bounds
 from .outputs import atomic_write_text, write_history_csv, write_json
 from .report import write_error_report
@@ -49,6 +49,7 @@ def run_training(recipe, args, command, given=frozenset()):
         refuse_changed_flags(given, args, ckpt["args"], args.resume)
         args = merge_resume_flags(args, recipe.trained_flags(ckpt["args"]))
         validate(args)
+    refuse_contradictions(args, given)
     out = run_folder(recipe, args)
     check_run_folder(out, args, ckpt, recipe.script)
     with deterministic_algorithms(args.deterministic):
@@ -60,7 +61,7 @@ def run_training(recipe, args, command, given=frozenset()):
 def train(recipe, args, command, s, out, ckpt):
     """The run itself, in a folder it holds: LR bounds, schedule, the epoch loop, the figures."""
     print_summary(s, recipe, out)
-    bounds = checkpoint_bounds(ckpt) if ckpt is not None else resolve_lr_bounds(args, s, out)
+    bounds = checkpoint_bounds(ckpt) if ckpt is not None else resolve_lr_bounds(args, s, out, recipe.name)
     print(f"LR bounds: lr_max {bounds.lr_max:.4g}, lr_min {bounds.lr_min:.4g} (from {bounds.source})")
     model, optimizer, device, amp_dtype = s.model, s.optimizer, s.device, s.amp_dtype
     schedule = one_cycle_for_recipe(optimizer, bounds.lr_max, bounds.lr_min, args.epochs, len(s.train_loader),
@@ -105,9 +106,9 @@ def train(recipe, args, command, s, out, ckpt):
         val = None
         if s.val_loader is not None:
             val = evaluate(eval_model, s.val_loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift,
-                           pad_to=pad_to)
+                           pad_to=pad_to, progress=not args.no_progress)
         return evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=keep_predictions,
-                        tta=args.tta, tta_shift=args.tta_shift, pad_to=pad_to), val
+                        tta=args.tta, tta_shift=args.tta_shift, pad_to=pad_to, progress=not args.no_progress), val
 
     # weight_decay: the one trained with (a resume restores it with the optimizer's state)
     info = {"model": recipe.name, "flags": plain_flags(args), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
@@ -189,6 +190,9 @@ def train(recipe, args, command, s, out, ckpt):
 def run_many(recipe, args, command, given):
     """--runs N: N independent runs with consecutive seeds, and the spread of their accuracy."""
     base = Path(args.out) if args.out else default_out(recipe)
+    if (base / "runs.json").exists() and not args.overwrite:
+        raise UserError(f"{base} already holds the summary of earlier runs (runs.json): choose another --out, or "
+                        f"pass --overwrite to replace them")
     finals, bests, final_vals = [], [], []
     for i in range(args.runs):
         run_args = type(args)(**{**vars(args), "runs": 1, "seed": args.seed + i, "out": str(base / f"seed{args.seed + i}")})

@@ -200,12 +200,14 @@ def test_eval_only_on_a_test_only_folder(full_run, tmp_path, capsys):
     assert "Test set: Average loss: " in capsys.readouterr().out
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert 0 <= result["test_acc"] <= 100 and result["test_loss"] > 0 and result["total"] == 100
-    assert train_resnet.main([*args, "--tta-shift", "2"]) == 0
+    assert train_resnet.main([*args, "--tta-shift", "2"]) == 1, "not over the first evaluation"
+    assert "--overwrite" in capsys.readouterr().err
+    assert train_resnet.main([*args, "--tta-shift", "2", "--overwrite"]) == 0
     shifted = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert (shifted["tta"], shifted["tta_shift"], result["tta_shift"]) == (True, 2, 0)
     assert shifted["test_loss"] != result["test_loss"]  # the shifted views took part
     capsys.readouterr()
-    assert train_resnet.main([*args, "--recalibrate-bn", "50"]) == 1
+    assert train_resnet.main([*args, "--recalibrate-bn", "50", "--overwrite"]) == 1
     assert "--recalibrate-bn needs training images" in one_error_line(capsys)
 
 

@@ -148,7 +148,7 @@ def test_lr_max_find_trains_with_the_suggestion(data, tmp_path):
 
 def test_lr_from_reuses_a_saved_test(data, tmp_path):
     saved = tmp_path / "lr_finder.json"
-    saved.write_text(json.dumps({"lr_max": 0.02, "lr_min": 0.002}))
+    saved.write_text(json.dumps({"model": "resnet", "optimizer": "sgd", "lr_max": 0.02, "lr_min": 0.002}))
     args = [*common(data, tmp_path / "run"), "--epochs", "1", "--batch-size", "50", "--lr-from", str(saved)]
     assert train_resnet.main(args) == 0
     metrics = read(tmp_path / "run" / "metrics.json")
