@@ -62,8 +62,11 @@ def download_cifar10(root):
 
 
 def _fingerprint(path):
+    """The cache key of ``path``: its files, named from the resolved path, so that one source
+    typed two ways (relative and absolute) is decoded once, with their sizes and times."""
     # os.fsencode, not str.encode: a file name that is not UTF-8 holds surrogates that UTF-8 refuses
-    h = hashlib.sha256(os.fsencode(path.resolve()))
+    path = path.resolve()
+    h = hashlib.sha256(os.fsencode(path))
     entries = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for p in entries:
         st = p.stat()

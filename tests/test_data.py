@@ -67,6 +67,13 @@ def test_archives_of_either_layout(tmp_path, kind, suffix):
         "reading an archive writes nothing beside it"
 
 
+def test_one_source_typed_relative_and_absolute_is_cached_once(image_dir, cache, monkeypatch):
+    load_dataset(image_dir, cache_dir=cache)
+    monkeypatch.chdir(image_dir.parent)
+    load_dataset(image_dir.name, cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 1
+
+
 def test_cache_is_used_and_invalidated_when_the_source_changes(image_dir, cache):
     first = load_dataset(image_dir, cache_dir=cache)
     assert len(list(cache.glob("*.npz"))) == 1
