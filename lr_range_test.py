@@ -9,7 +9,7 @@ that uses them. The model and data pipeline are the train script's own.
 
 import sys
 
-from core.commands import range_test_main
+from core.cli.commands import range_test_main
 
 
 def main(argv=None):

@@ -7,7 +7,7 @@
 
 import sys
 
-from core.commands import predict_main
+from core.cli.commands import predict_main
 
 
 def main(argv=None):

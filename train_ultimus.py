@@ -7,7 +7,7 @@
 
 import sys
 
-from core.commands import train_main
+from core.cli.commands import train_main
 
 
 def main(argv=None):

@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.cli import ArgumentParser  # noqa: E402
+from core.cli.parsers import ArgumentParser  # noqa: E402
+from core.data.sources import safe_members  # noqa: E402
 from core.errors import UserError  # noqa: E402
-from core.outputs import make_folder, write_json  # noqa: E402
-from core.sources import safe_members  # noqa: E402
+from core.runs.outputs import make_folder, write_json  # noqa: E402
 
 FLOP_PER_TRAINING_IMAGE = 2.3e9  # the ResNet's forward and backward pass on one 32x32 image
 # Dense bf16 (fp16 where the chip has no bf16) tensor-core peaks from the vendors' datasheets,

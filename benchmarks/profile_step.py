@@ -20,13 +20,13 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.build import Setup  # noqa: E402
-from core.cli import ArgumentParser, build_train_parser  # noqa: E402
-from core.flags import non_negative_int, positive_int  # noqa: E402
+from core.cli.parsers import ArgumentParser, build_train_parser  # noqa: E402
 from core.device import make_scaler  # noqa: E402
-from core.engine import synchronize, train_step  # noqa: E402
-from core.recipes import RECIPES  # noqa: E402
-from core.schedule import one_cycle_for_recipe  # noqa: E402
+from core.flags import non_negative_int, positive_int  # noqa: E402
+from core.train.engine import synchronize, train_step  # noqa: E402
+from core.train.recipes import RECIPES  # noqa: E402
+from core.train.schedule import one_cycle_for_recipe  # noqa: E402
+from core.train.setup import Setup  # noqa: E402
 
 # CUDA runtime calls that block the host until the device catches up (a device-to-host copy
 # for .item() shows as cudaMemcpyAsync followed by cudaStreamSynchronize).

@@ -18,15 +18,21 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.build import load_data  # noqa: E402
-from core.cli import ArgumentParser, add_cache_arg, add_progress_arg, run_cli  # noqa: E402
-from core.device import autotune_convolutions, keep_freed_memory, make_scaler, pick_amp, pick_device  # noqa: E402
-from core.engine import synchronize, train_step  # noqa: E402
+from core.cli.parsers import ArgumentParser, add_cache_arg, add_progress_arg, run_cli  # noqa: E402
+from core.data.loader import DeviceLoader, channel_stats  # noqa: E402
+from core.device import (  # noqa: E402
+    autotune_convolutions,
+    keep_freed_memory,
+    make_scaler,
+    pick_amp,
+    pick_device,
+)
 from core.errors import UserError  # noqa: E402
 from core.flags import positive_int  # noqa: E402
-from core.loader import DeviceLoader, channel_stats  # noqa: E402
 from core.models import build_model  # noqa: E402
-from core.recipes import RECIPES  # noqa: E402
+from core.train.engine import synchronize, train_step  # noqa: E402
+from core.train.recipes import RECIPES  # noqa: E402
+from core.train.setup import load_data  # noqa: E402
 
 
 def timed_steps(model, batches, device, amp_dtype, warmup, steps, sgd_impl="default", sync_each_step=False):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import trainer
+from core.train import loop
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -69,7 +69,7 @@ def cache(tmp_path):
 @contextlib.contextmanager
 def ctrl_c_in_second_epoch(monkeypatch):
     """Inside the block, a run's second epoch raises KeyboardInterrupt as Ctrl-C would."""
-    real_epoch, calls = trainer.train_epoch, []
+    real_epoch, calls = loop.train_epoch, []
 
     def interrupting(*args, **kwargs):
         calls.append(1)
@@ -77,11 +77,11 @@ def ctrl_c_in_second_epoch(monkeypatch):
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_epoch", interrupting)
+    monkeypatch.setattr(loop, "train_epoch", interrupting)
     try:
         yield
     finally:
-        monkeypatch.setattr(trainer, "train_epoch", real_epoch)
+        monkeypatch.setattr(loop, "train_epoch", real_epoch)
 
 
 def metrics(out):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.augment import alternating_flip, crop_at, cutout, hflip, random_crop
-from core.recipes import dilated_augment, flip_crop_augment, resnet_augment
+from core.data.augment import alternating_flip, crop_at, cutout, hflip, random_crop
+from core.train.recipes import dilated_augment, flip_crop_augment, resnet_augment
 
 NUMPY_MODES = {"constant": "constant", "reflect": "reflect", "edge": "edge", "symmetric": "symmetric"}
 

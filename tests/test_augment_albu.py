@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from core import augment as A
-from core.recipes import dilated_augment
+from core.data import augment as A
+from core.train.recipes import dilated_augment
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)

@@ -12,9 +12,9 @@ import lr_range_test
 import predict
 import train_dilated
 import train_ultimus
-from core.data import load_dataset
+from core.data.dataset import load_dataset
 from core.errors import UserError
-from core.lr_finder import lr_schedule
+from core.train.lr_finder import lr_schedule
 from tests.conftest import one_error_line, write_batches, write_image_folder
 
 

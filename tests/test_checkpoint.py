@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 import predict
-from core import plots
-from core.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from core.errors import UserError
-from core.outputs import write_history_csv, write_json
+from core.report import plots
+from core.runs.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from core.runs.outputs import write_history_csv, write_json
 from tests.conftest import one_error_line, synthetic_images
 
 

@@ -11,13 +11,19 @@ import pytest
 import torch
 
 import train_resnet
-from core import trainer
-from core.build import OPTIMIZERS
-from core.checkpoint import load_checkpoint, save_checkpoint
-from core.cli import build_train_parser
+from core.cli.parsers import build_train_parser
 from core.models import MODELS
-from core.recipes import RECIPES
-from tests.conftest import ctrl_c_in_second_epoch, metrics, one_error_line, write_batches, write_image_folder
+from core.runs.checkpoint import load_checkpoint, save_checkpoint
+from core.train import loop
+from core.train.optim import OPTIMIZERS
+from core.train.recipes import RECIPES
+from tests.conftest import (
+    ctrl_c_in_second_epoch,
+    metrics,
+    one_error_line,
+    write_batches,
+    write_image_folder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -350,11 +356,11 @@ def test_a_run_without_fp16_resumes_under_fp16_loss_scaling(data, tmp_path, monk
     """A run started on an A100 (bf16, so no loss scale saved) and resumed on a T4 (fp16, with a
     GradScaler) must go on with a new loss scale rather than fail to load the empty one."""
     interrupted = tmp_path / "run"
-    monkeypatch.setattr(trainer, "train_epoch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(loop, "train_epoch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert train_resnet.main(tiny(data, interrupted)) == 130
     assert load_checkpoint(interrupted / "last.pt")["scaler"] == {}
     monkeypatch.undo()
-    monkeypatch.setattr(trainer, "make_scaler", lambda *a: torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
+    monkeypatch.setattr(loop, "make_scaler", lambda *a: torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
     assert train_resnet.main(["--resume", str(interrupted / "last.pt"), "--no-progress"]) == 0
     assert load_checkpoint(interrupted / "last.pt")["scaler"]["scale"] > 0
     assert metrics(interrupted)["history"][-1]["epoch"] == 3

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.data import Split, load_dataset
-from core.loader import DeviceLoader, balanced_subset, channel_stats
+from core.data.dataset import Split, load_dataset
+from core.data.loader import DeviceLoader, channel_stats
+from core.data.subsets import balanced_subset
 from core.errors import UserError
 from tests.conftest import CLASSES, synthetic_images, write_batches, write_image_folder
 

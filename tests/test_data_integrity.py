@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.data import load_dataset
+from core.data.dataset import load_dataset
 from core.errors import UserError
 from tests.conftest import write_batches, write_image_folder
 

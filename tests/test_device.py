@@ -36,7 +36,7 @@ def test_a_run_on_a_t4_trains_in_fp16_with_cudnn_autotuning(monkeypatch):
     """What a run's setup picks on Colab's T4, with torch.cuda answering as a real one does."""
     from argparse import Namespace
 
-    from core.build import pick_runtime
+    from core.train.setup import pick_runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -4,7 +4,7 @@ from torch import nn
 
 from core.models import MODELS, build_model
 from core.models.dilated import DilatedNet, Residual, SqueezeExcite
-from core.receptive_field import receptive_field_table
+from core.report.receptive_field import receptive_field_table
 
 VARIANTS = ["strided", "dilated"]
 # the net before 2026-12-05 (five full convs at width 32), still reachable by flag

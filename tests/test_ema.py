@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from core.ema import WeightEMA
+from core.train.ema import WeightEMA
 
 
 def small_net():

@@ -3,10 +3,11 @@
 import torch
 import torch.nn.functional as F
 
-from core.data import Split
-from core.loader import DeviceLoader
-from core.engine import evaluate, format_test_line, recalibrate_bn, tta_views
+from core.data.augment import tta_views
+from core.data.dataset import Split
+from core.data.loader import DeviceLoader
 from core.models.norm import GhostBatchNorm2d
+from core.train.engine import evaluate, format_test_line, recalibrate_bn
 from tests.conftest import synthetic_images
 
 

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from core.cli import script_parsers
-from core.flags_doc import flags_markdown
-from core.flags import non_negative_float, non_negative_int, peak_epoch, positive_float, positive_int
+from core.cli.flags_doc import flags_markdown
+from core.cli.parsers import script_parsers
+from core.flags import (
+    non_negative_float,
+    non_negative_int,
+    peak_epoch,
+    positive_float,
+    positive_int,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +26,7 @@ def options(parser):
 def test_docs_flags_md_is_what_the_parsers_generate():
     expected = flags_markdown(script_parsers())
     assert (ROOT / "docs" / "flags.md").read_text() == expected, \
-        "docs/flags.md is stale: run python -m core.flags_doc > docs/flags.md"
+        "docs/flags.md is stale: run python -m core.cli.flags_doc > docs/flags.md"
 
 
 @pytest.mark.parametrize("script", sorted(script_parsers()))

@@ -8,16 +8,16 @@ from torch import nn
 
 import train_resnet
 import train_ultimus
-from core.augment import crop_at, random_crop
-from core.build import make_optimizer
-from core.checkpoint import load_checkpoint
-from core.data import Split
+from core.data.augment import crop_at, random_crop, tta_views
+from core.data.dataset import Split
+from core.data.loader import DeviceLoader
 from core.device import make_scaler, pick_amp
-from core.ema import WeightEMA
-from core.engine import evaluate, train_step, tta_views
-from core.inference import load_trained
-from core.loader import DeviceLoader
 from core.models import build_model
+from core.runs.checkpoint import load_checkpoint
+from core.train.ema import WeightEMA
+from core.train.engine import evaluate, train_step
+from core.train.inference import load_trained
+from core.train.optim import make_optimizer
 from tests.conftest import ctrl_c_in_second_epoch, epoch_figures, write_batches
 
 

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from core.cli import build_range_test_parser, build_train_parser
-from core.recipes import RECIPES
+from core.cli.parsers import build_range_test_parser, build_train_parser
+from core.train.recipes import RECIPES
 from tests.conftest import write_image_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

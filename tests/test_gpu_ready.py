@@ -10,14 +10,21 @@ import torch
 from torch import nn
 
 import train_ultimus
-from core import checkpoint, trainer
-from core.build import fused_on, make_optimizer
-from core.data import Split
-from core.device import autotune_convolutions, check_amp_support, deterministic_algorithms, pick_amp, torch_release
-from core.engine import train_epoch
+from core.data.dataset import Split
+from core.data.loader import DeviceLoader
+from core.device import (
+    autotune_convolutions,
+    check_amp_support,
+    deterministic_algorithms,
+    pick_amp,
+    torch_release,
+)
 from core.errors import UserError
-from core.loader import DeviceLoader
-from core.schedule import one_cycle_for_recipe
+from core.runs import checkpoint
+from core.train import loop
+from core.train.engine import train_epoch
+from core.train.optim import fused_on, make_optimizer
+from core.train.schedule import one_cycle_for_recipe
 from tests.conftest import ctrl_c_in_second_epoch, epoch_figures, metrics, write_batches
 
 CPU = torch.device("cpu")
@@ -101,13 +108,13 @@ def test_deterministic_mode_holds_inside_the_block_only(monkeypatch):
 
 def test_a_deterministic_run_is_kept_deterministic_on_resume(data, tmp_path, monkeypatch):
     seen = []
-    real = trainer.train
+    real = loop.train
 
     def probe(*args, **kwargs):
         seen.append(torch.are_deterministic_algorithms_enabled())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train", probe)
+    monkeypatch.setattr(loop, "train", probe)
     with ctrl_c_in_second_epoch(monkeypatch):
         assert train_ultimus.main(tiny(data, tmp_path / "run", "--deterministic")) == 130
     assert train_ultimus.main(["--resume", str(tmp_path / "run" / "last.pt"), "--no-progress"]) == 0

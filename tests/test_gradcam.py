@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.gradcam import default_cam_layer, grad_cam
 from core.models import build_model
+from core.report.gradcam import default_cam_layer, grad_cam
 
 
 class GapNet(nn.Module):

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from core import outputs
 from core.errors import UserError
+from core.runs import outputs
 
 TRIALS, PROCESSES = 40, 6
 

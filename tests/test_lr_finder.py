@@ -8,9 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from core.engine import train_step
-from core.lr_finder import (DEFAULT_READING, METHODS, lr_schedule, range_test, smooth_losses,
-                            suggest, suggest_bounds)
+from core.train.engine import train_step
+from core.train.lr_finder import (
+    DEFAULT_READING,
+    METHODS,
+    lr_schedule,
+    range_test,
+    smooth_losses,
+    suggest,
+    suggest_bounds,
+)
 
 CPU = torch.device("cpu")
 
@@ -457,7 +464,7 @@ def test_suggestions_from_a_real_sweep():
 
 def test_each_param_group_sweeps_at_its_lr_scale():
     """A bias group trained at 64x the LR (--bias-lr-scale) keeps that ratio during the sweep."""
-    from core.build import make_optimizer as trainer_optimizer
+    from core.train.optim import make_optimizer as trainer_optimizer
 
     model = TinyNet(dropout=0.0)
     opt = trainer_optimizer("sgd", model, 0.0, 5e-4, bias_lr_scale=64.0)
@@ -477,7 +484,7 @@ def test_each_param_group_sweeps_at_its_lr_scale():
 
 @pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
 def test_each_optimizer_choice_builds_its_torch_optimizer_with_the_weight_decay(name, cls):
-    from core.build import make_optimizer as trainer_optimizer
+    from core.train.optim import make_optimizer as trainer_optimizer
 
     opt = trainer_optimizer(name, TinyNet(), 0.0, 5e-4)
     assert type(opt) is cls and opt.param_groups[0]["weight_decay"] == 5e-4

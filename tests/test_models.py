@@ -6,7 +6,7 @@ from torch import nn
 from core.models import build_model
 from core.models.norm import GhostBatchNorm2d
 from core.models.resnet import CustomResNet, ResBlock
-from core.summary import summary_table
+from core.report.summary import summary_table
 
 
 def test_resnet_has_the_seed_parameter_count_and_bias_free_convs():

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-
 from torch import nn
 
-from core.build import Setup, make_optimizer, param_groups
-from core.cli import build_train_parser
+from core.cli.parsers import build_train_parser
 from core.models.dilated import DilatedNet
 from core.models.resnet import CustomResNet
-from core.recipes import RECIPES
+from core.train.optim import make_optimizer, param_groups
+from core.train.recipes import RECIPES
+from core.train.setup import Setup
 from tests.conftest import write_batches
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from core import plots
+from core.report import plots
 
 
 def test_range_test_frame_holds_the_raw_dip_but_not_the_diverging_tail(tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ import predict
 import train_dilated
 import train_resnet
 import train_ultimus
-from core.inference import load_trained, prepare, read_image
-from core.report import confusion_matrix, per_class_accuracy
+from core.report.error_report import confusion_matrix, per_class_accuracy
+from core.train.inference import load_trained, prepare, read_image
 from tests.conftest import metrics, one_error_line, synthetic_images, write_batches
 
 SCRIPTS = {"resnet": train_resnet, "dilated": train_dilated, "ultimus": train_ultimus}
@@ -134,7 +134,7 @@ def test_eval_only_writes_the_report_too(runs, data, tmp_path):
 
 def test_predict_reads_a_16_bit_png_as_the_dataset_loader_does(tmp_path):
     """Both go through one conversion: a 16-bit image is scaled to 8 bits, not clipped to white."""
-    from core.sources import _decode_image
+    from core.data.sources import _decode_image
 
     deep = tmp_path / "deep.png"
     Image.fromarray((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)).save(deep)

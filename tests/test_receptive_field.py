@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.receptive_field import COLUMNS, format_rf_table, receptive_field_table
+from core.report.receptive_field import COLUMNS, format_rf_table, receptive_field_table
 
 
 def conv(c_in=3, c_out=3, k=3, stride=1, dilation=1, padding=None):

@@ -10,12 +10,17 @@ import torch
 
 import train_dilated
 import train_ultimus
-from core import lr_finder_runner, trainer
-from core.checkpoint import load_checkpoint, save_checkpoint
-from core.cli import build_train_parser
+from core.cli.parsers import build_train_parser
 from core.flags import plain_flags
-from core.recipes import RECIPES
-from core.resume import RUN_PLACE_FLAGS, merge_resume_flags, rng_state, set_rng_state
+from core.runs.checkpoint import load_checkpoint, save_checkpoint
+from core.runs.resume import (
+    RUN_PLACE_FLAGS,
+    merge_resume_flags,
+    rng_state,
+    set_rng_state,
+)
+from core.train import loop, lr_bounds
+from core.train.recipes import RECIPES
 from tests.conftest import ctrl_c_in_second_epoch, metrics, write_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +80,7 @@ def test_a_run_leaves_its_parsed_flags_alone_and_records_them_as_typed(data, tmp
     recipe = RECIPES["ultimus"]
     args = build_train_parser(recipe).parse_args(tiny(data, tmp_path, "--lr-max", "find"))
     typed = dict(vars(args))
-    assert trainer.run_training(recipe, args, "python train_ultimus.py ...") == 0
+    assert loop.run_training(recipe, args, "python train_ultimus.py ...") == 0
     assert vars(args) == typed
     m, ckpt = metrics(tmp_path), load_checkpoint(tmp_path / "last.pt")
     found = json.loads((tmp_path / "lr_finder.json").read_text())
@@ -99,7 +104,7 @@ def test_an_interrupted_lr_max_find_run_resumes_without_a_new_sweep(data, tmp_pa
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train_ultimus.main(tiny(data, straight, "--lr-max", "find")) == 0
     interrupt_after_first_epoch(data, resumed, monkeypatch, "--lr-max", "find")
-    monkeypatch.setattr(lr_finder_runner, "find_bounds", lambda *a, **k: pytest.fail("swept again on resume"))
+    monkeypatch.setattr(lr_bounds, "find_bounds", lambda *a, **k: pytest.fail("swept again on resume"))
     assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
     assert history(resumed) == history(straight)
     assert metrics(resumed)["lr_source"] == metrics(straight)["lr_source"]
@@ -120,7 +125,7 @@ def test_a_checkpoint_from_before_lr_bounds_resumes_and_evaluates(data, tmp_path
     interrupt_after_first_epoch(data, resumed, monkeypatch, "--lr-max", "find")
     old = as_written_before_lr_bounds(load_checkpoint(resumed / "last.pt"), resumed)
     save_checkpoint(resumed / "last.pt", old)
-    monkeypatch.setattr(lr_finder_runner, "find_bounds", lambda *a, **k: pytest.fail("swept again on resume"))
+    monkeypatch.setattr(lr_bounds, "find_bounds", lambda *a, **k: pytest.fail("swept again on resume"))
     assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
     assert history(resumed) == history(straight)
     assert metrics(resumed)["lr_source"] == metrics(straight)["lr_source"]

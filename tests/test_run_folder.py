@@ -14,10 +14,16 @@ import torch
 import lr_range_test
 import train_resnet
 import train_ultimus
-from core import outputs
-from core.checkpoint import load_checkpoint, save_checkpoint
 from core.errors import UserError
-from tests.conftest import ctrl_c_in_second_epoch, metrics, one_error_line, write_batches, write_image_folder
+from core.runs import outputs
+from core.runs.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import (
+    ctrl_c_in_second_epoch,
+    metrics,
+    one_error_line,
+    write_batches,
+    write_image_folder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,12 +238,12 @@ def test_the_range_test_prints_a_train_command_with_what_changed_its_reading(dat
 
 
 def test_a_sweep_that_finds_nothing_advises_the_train_scripts_own_flags(data, tmp_path, capsys, monkeypatch):
-    from core import lr_finder_runner
+    from core.train import lr_bounds
 
     def no_lr(*args, **kwargs):
         raise ValueError("the loss never went down during the sweep")
 
-    monkeypatch.setattr(lr_finder_runner, "suggest_bounds", no_lr)
+    monkeypatch.setattr(lr_bounds, "suggest_bounds", no_lr)
     assert train_ultimus.main(tiny(data, tmp_path, "--lr-max", "find")) == 1
     line = one_error_line(capsys)
     assert "--lr-from" in line and "--num-iter" not in line

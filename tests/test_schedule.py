@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.schedule import OneCycle, one_cycle_for_recipe, trace
+from core.train.schedule import OneCycle, one_cycle_for_recipe, trace
 
 CONFIGS = [
     dict(max_lr=0.4, total_steps=100),

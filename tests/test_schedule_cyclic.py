@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import CyclicLR
 
-from core.schedule import Cyclic
+from core.train.schedule import Cyclic
 
 STEPS = 61  # several full cycles for every step-size pair below
 

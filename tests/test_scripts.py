@@ -11,9 +11,9 @@ import lr_range_test
 import train_dilated
 import train_resnet
 import train_ultimus
-from core import commands
-from core.cli import build_train_parser
-from core.recipes import RECIPES
+from core.cli import commands
+from core.cli.parsers import build_train_parser
+from core.train.recipes import RECIPES
 from tests.conftest import write_batches
 
 

@@ -10,12 +10,19 @@ import torch
 import lr_range_test
 import train_dilated
 import train_ultimus
-from core.build import Setup, hold_out
-from core.checkpoint import load_checkpoint
-from core.cli import build_train_parser
-from core.data import Split
-from core.recipes import RECIPES
-from tests.conftest import ctrl_c_in_second_epoch, epoch_figures, metrics, one_error_line, write_batches
+from core.cli.parsers import build_train_parser
+from core.data.dataset import Split
+from core.data.subsets import hold_out
+from core.runs.checkpoint import load_checkpoint
+from core.train.recipes import RECIPES
+from core.train.setup import Setup
+from tests.conftest import (
+    ctrl_c_in_second_epoch,
+    epoch_figures,
+    metrics,
+    one_error_line,
+    write_batches,
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.data import Split
-from core.loader import DeviceLoader
+from core.data.dataset import Split
+from core.data.loader import DeviceLoader
 from core.models import build_model
 from core.models.whitening import WhitenedConv2d, fit_whitening
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import update_bn
 
-from .augment import crop_at
-from .device import autocast
-from .progress import bar as progress_bar
+from ..data.augment import tta_views
+from ..device import autocast
+from ..progress import bar as progress_bar
 
 
 def train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler):
@@ -65,22 +65,6 @@ def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, 
         bar.close()
     return {"loss": loss_sum.item() / max(seen, 1), "acc": 100 * correct.item() / max(seen, 1),
             "seconds": time.perf_counter() - start, "first_step_s": first_step_s or 0.0, "images": seen}
-
-
-def tta_views(x, flip=False, shift=0):
-    """The views of a test batch whose logits evaluation averages.
-
-    Training shows the net mirror images and crops moved by up to 4 pixels, so the mirror image
-    and small shifts are in-distribution, and averaging over them cancels part of the net's
-    sensitivity to exactly where an object sits. With ``shift``, each view is also moved
-    ``shift`` pixels up-left and down-right, reflect-padded as the training crops are.
-    """
-    views = [x, x.flip(3)] if flip else [x]
-    if shift:
-        n = len(x)
-        offsets = [torch.full((n,), d, dtype=torch.long, device=x.device) for d in (0, 2 * shift)]
-        views += [crop_at(view, d, d, padding=shift) for view in views for d in offsets]
-    return views
 
 
 def padded_batch(x, size):

@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import make_model
-from .checkpoint import load_checkpoint
-from .engine import tta_views
-from .errors import UserError
-from .loader import channel_tensor, normalize
+from ..data.augment import tta_views
+from ..data.loader import channel_tensor, normalize
+from ..data.sources import rgb_image
+from ..errors import UserError
+from ..runs.checkpoint import load_checkpoint
 from .recipes import RECIPES
-from .sources import rgb_image
+from .setup import make_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SIZE = 32

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 from .outputs import atomic_write_bytes
 
 FORMAT = "cifar-toolkit-checkpoint-v1"

@@ -282,3 +282,19 @@ def to_gray(x, p=0.2, generator=None, *, mean=None, std=None):
     gray = _from_pixel(luma.expand_as(pixel), mean, std)
     apply = _rand(x.shape[0], generator, x.device) < p
     return torch.where(apply[:, None, None, None], _like(gray, x), x)
+
+
+def tta_views(x, flip=False, shift=0):
+    """The views of a test batch whose logits evaluation averages.
+
+    Training shows the net mirror images and crops moved by up to 4 pixels, so the mirror image
+    and small shifts are in-distribution, and averaging over them cancels part of the net's
+    sensitivity to exactly where an object sits. With ``shift``, each view is also moved
+    ``shift`` pixels up-left and down-right, reflect-padded as the training crops are.
+    """
+    views = [x, x.flip(3)] if flip else [x]
+    if shift:
+        n = len(x)
+        offsets = [torch.full((n,), d, dtype=torch.long, device=x.device) for d in (0, 2 * shift)]
+        views += [crop_at(view, d, d, padding=shift) for view in views for d in offsets]
+    return views

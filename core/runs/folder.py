@@ -8,8 +8,8 @@ import shlex
 from datetime import datetime
 from pathlib import Path
 
+from ..errors import UserError
 from .checkpoint import load_checkpoint
-from .errors import UserError
 from .outputs import check_folder, claimed, make_folder, remove_stale_temp_files
 
 # What a run leaves in its folder that a new run might not write again (best.pt if it never

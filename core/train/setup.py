@@ -7,19 +7,20 @@ import os
 import platform
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
-from .data import DEFAULT_CACHE, Split, load_dataset
-from .device import autotune_convolutions, keep_freed_memory, pick_amp, pick_device
+from ..data.dataset import DEFAULT_CACHE, load_dataset
+from ..data.loader import DeviceLoader, channel_stats
+from ..data.subsets import balanced_split, run_images
+from ..device import autotune_convolutions, keep_freed_memory, pick_amp, pick_device
+from ..errors import UserError
+from ..models import build_model
+from ..models.whitening import fit_whitening
+from ..report.summary import summary_table
+from ..runs.outputs import check_folder
 from .ema import WeightEMA
-from .errors import UserError
-from .loader import DeviceLoader, balanced_subset, channel_stats
-from .models import build_model
-from .models.whitening import fit_whitening
-from .outputs import check_folder
-from .summary import summary_table
+from .optim import fused_on, make_optimizer
 
 
 def load_data(args, need_train, data=None):
@@ -47,33 +48,6 @@ def describe_device(device):
     if device.type == "cpu":
         return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return device.type
-
-
-def take(split, n, num_classes):
-    """The fixed class-balanced first ``n`` images of ``split`` (all of them for None)."""
-    idx = balanced_subset(split.labels, n, num_classes)
-    return Split(split.images[idx], split.labels[idx])
-
-
-def hold_out(split, n, num_classes):
-    """``split`` as (training, validation): the fixed class-balanced first ``n`` images of it are
-    the validation set (None for 0), the rest trains. The choice depends on ``n`` and the data
-    alone, so every seed and every recipe is compared on the same held-out images."""
-    if not n:
-        return split, None
-    if n >= len(split.labels):
-        raise UserError(f"--val-split {n} leaves no training images out of {len(split.labels)}: lower it or "
-                        f"enlarge --train-subset")
-    held = np.zeros(len(split.labels), dtype=bool)
-    held[balanced_subset(split.labels, n, num_classes)] = True
-    return Split(split.images[~held], split.labels[~held]), Split(split.images[held], split.labels[held])
-
-
-def run_images(train, train_subset, val_split, num_classes):
-    """(training, validation) images of a run: its --train-subset of ``train``, less the
-    --val-split held out of those. Training and --eval-only both take them here, so a
-    checkpoint's flags find its run's images again."""
-    return hold_out(take(train, train_subset, num_classes), val_split, num_classes)
 
 
 def device_memory(device):
@@ -138,71 +112,6 @@ def make_model(recipe, flags, classes, device):
     return build_model(recipe.name, num_classes=len(classes), **recipe.model_kwargs(flags)).to(device)
 
 
-# --decay-exempt's choices: which parameters train without weight decay. Biases and norm
-# weights (every 1-D parameter) shift and scale activations rather than match patterns, and
-# timm's recipes leave them undecayed; a depthwise filter has only nine weights, and MobileNet's
-# authors advise little or no decay on them.
-DECAY_EXEMPT = ("none", "bias-norm", "bias-norm-depthwise")
-
-
-def decay_exempt_params(model, exempt):
-    """The parameters --decay-exempt ``exempt`` leaves out of weight decay."""
-    if exempt not in DECAY_EXEMPT:
-        raise ValueError(f"exempt must be one of {DECAY_EXEMPT}, not {exempt!r}")
-    if exempt == "none":
-        return []
-    params = [p for p in model.parameters() if p.ndim <= 1]
-    if exempt == "bias-norm-depthwise":
-        params += [m.weight for m in model.modules()
-                   if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
-    return params
-
-
-def param_groups(model, weight_decay, bias_lr_scale=1.0, decay_exempt="none"):
-    """The trainable parameters in groups of one LR multiple and one weight decay each, in the
-    order their first parameter comes in the model: all in one group by default.
-
-    A bias (BN shifts, the FC bias) is not followed by a normalization, so unlike a conv weight
-    its LR sets how fast it moves in units of the activations. Page's bag of tricks trains them
-    at 64x the LR (``bias_lr_scale``) with weight decay divided by 64, which keeps their decay per
-    step unchanged. ``decay_exempt`` (DECAY_EXEMPT) trains some parameters with no decay at all.
-    Each group's ``lr_scale`` is the multiple of the schedule's LR that it trains at.
-    """
-    exempt = {id(p) for p in decay_exempt_params(model, decay_exempt)}
-    groups = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            lr_scale = bias_lr_scale if name.endswith("bias") else 1.0
-            decay = 0.0 if id(p) in exempt else weight_decay / lr_scale
-            groups.setdefault((lr_scale, decay), []).append(p)
-    return [{"params": params, "weight_decay": decay, "lr_scale": lr_scale}
-            for (lr_scale, decay), params in groups.items()]
-
-
-# --optimizer's choices: Adam adds the weight decay to the gradient (L2), AdamW to the step
-# (decoupled, so it does not pass through Adam's per-parameter scaling).
-OPTIMIZERS = {"sgd": "SGD with Nesterov momentum 0.9", "adam": "Adam (weight decay as L2)",
-              "adamw": "AdamW (decoupled weight decay)"}
-
-
-def make_optimizer(name, model, lr, weight_decay, bias_lr_scale=1.0, decay_exempt="none", fused=False):
-    """``fused``: one kernel for the whole update, which also reads fp16's overflow flag on the
-    device, so a GradScaler step needs no host sync (``fused_on``)."""
-    groups = param_groups(model, weight_decay, bias_lr_scale, decay_exempt)
-    extra = {"fused": True} if fused else {}
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, **extra)
-    return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(groups, lr=lr, **extra)
-
-
-def fused_on(device):
-    """Whether a run on ``device`` takes the fused optimizers: on CUDA, where they are fastest
-    and where fp16's GradScaler would otherwise read ``found_inf`` on the host every step. Not on
-    the CPU, where the defaults' figures were measured with the per-tensor (foreach) updates, nor
-    on MPS, whose fused kernels arrived in later torch releases than this toolkit supports."""
-    return device.type == "cuda"
-
-
 def plain_batches(args, split, device, mean, std, batch_size=None):
     """``split`` in order and un-augmented, laid out as the model is: what evaluation and
     --recalibrate-bn read, in batches of ``batch_size`` (default --eval-batch-size)."""
@@ -213,7 +122,7 @@ def plain_batches(args, split, device, mean, std, batch_size=None):
 def bn_images(args, train, num_classes, device, mean, std, batch_size):
     """The un-augmented training images that --recalibrate-bn re-estimates BN statistics on, in
     batches of ``batch_size``: the training batch size, which the batch statistics depend on."""
-    return plain_batches(args, take(train, args.recalibrate_bn, num_classes), device, mean, std, batch_size)
+    return plain_batches(args, balanced_split(train, args.recalibrate_bn, num_classes), device, mean, std, batch_size)
 
 
 class Setup:
@@ -230,7 +139,7 @@ class Setup:
         self.ds = load_data(args, need_train=True)
         self.data_load_s = time.perf_counter() - start
         self.train, self.val = run_images(self.ds.train, args.train_subset, args.val_split, len(self.ds.classes))
-        self.test = take(self.ds.test, args.test_subset, len(self.ds.classes))
+        self.test = balanced_split(self.ds.test, args.test_subset, len(self.ds.classes))
         if len(self.train.labels) < args.batch_size:
             raise UserError(f"--batch-size {args.batch_size} exceeds the {len(self.train.labels)} training images: "
                             f"lower it or enlarge --train-subset")

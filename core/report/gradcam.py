@@ -10,9 +10,9 @@ to a constant. The map is upsampled to the image and scaled to [0, 1] per image.
 import torch
 import torch.nn.functional as F
 
-from .models.dilated import DilatedNet
-from .models.resnet import CustomResNet
-from .models.ultimus import UltimusNet
+from ..models.dilated import DilatedNet
+from ..models.resnet import CustomResNet
+from ..models.ultimus import UltimusNet
 
 
 def default_cam_layer(model):

@@ -11,11 +11,11 @@ import dataclasses
 import json
 import math
 
-from . import plots
-from .errors import UserError
-from .flags import plain_flags
+from ..errors import UserError
+from ..flags import plain_flags
+from ..report import plots
+from ..runs.outputs import write_json
 from .lr_finder import METHODS, range_test, suggest, suggest_bounds
-from .outputs import write_json
 
 
 @dataclasses.dataclass(frozen=True)

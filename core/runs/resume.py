@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 # Flags that say where and how to run, not what to train: on --resume they come from the
 # command line; everything else comes from the checkpoint, so the run continues unchanged.

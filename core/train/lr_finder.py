@@ -31,9 +31,9 @@ import math
 import numpy as np
 import torch
 
-from .device import autocast, make_scaler
+from ..device import autocast, make_scaler
+from ..progress import Ticker
 from .engine import train_step
-from .progress import Ticker
 
 METHODS = ("steepest", "valley", "min_div_2", "min_div_10", "conservative")
 # The default (lr_max method, lr_max / lr_min) per optimizer; see the module docstring.

@@ -1,9 +1,9 @@
 """docs/flags.md, generated from the scripts' parsers so that it cannot go stale:
-``python -m core.flags_doc > docs/flags.md`` (a test compares the page with the parsers)."""
+``python -m core.cli.flags_doc > docs/flags.md`` (a test compares the page with the parsers)."""
 
 import sys
 
-from .cli import script_parsers
+from .parsers import script_parsers
 
 
 def _markdown_cell(text):
@@ -23,7 +23,7 @@ def _default_cell(action):
 def flags_markdown(parsers):
     """One table per script: each flag's spellings, value, default and --help text."""
     lines = ["# Flags", "", "Every flag of every script, as its `--help` prints it. Generated from the parsers by",
-             "`python -m core.flags_doc > docs/flags.md`; a test fails when this page and the parsers disagree.",
+             "`python -m core.cli.flags_doc > docs/flags.md`; a test fails when this page and the parsers disagree.",
              "What the flags do, at more length: [training.md](training.md).", ""]
     for script, parser in parsers.items():
         lines += [f"## `{script}`", "", _markdown_cell(parser.description), "",
@@ -42,5 +42,5 @@ def flags_markdown(parsers):
 
 if __name__ == "__main__":
     if sys.argv[1:]:
-        sys.exit("usage: python -m core.flags_doc > docs/flags.md")
+        sys.exit("usage: python -m core.cli.flags_doc > docs/flags.md")
     print(flags_markdown(script_parsers()), end="")

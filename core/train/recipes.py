@@ -6,12 +6,26 @@ Everything else (data, engine, outputs, CLI flags) is shared, so a script is a r
 import inspect
 from dataclasses import dataclass, field
 
-from .augment import coarse_dropout, cutout, hflip, random_crop, shift_scale_rotate, to_gray
-from .flags import below_one, non_negative_float, non_negative_int, positive_float, positive_int, probability
-from .models import MODELS
-from .models.dilated import ACTIVATIONS, C4_SIZES, FULL_CONV_COUNTS, SKIPS
-from .models.ultimus import INITS
-from .receptive_field import format_rf_table, receptive_field_table
+from ..data.augment import (
+    coarse_dropout,
+    cutout,
+    hflip,
+    random_crop,
+    shift_scale_rotate,
+    to_gray,
+)
+from ..flags import (
+    below_one,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+from ..models import MODELS
+from ..models.dilated import ACTIVATIONS, C4_SIZES, FULL_CONV_COUNTS, SKIPS
+from ..models.ultimus import INITS
+from ..report.receptive_field import format_rf_table, receptive_field_table
 
 # Each pipeline is called as pipeline(x, generator, mean, std, flip) on a batch normalized with
 # the dataset's per-channel pixel-space (0..1) mean and std, which ops such as gray and the mean

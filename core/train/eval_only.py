@@ -4,13 +4,14 @@ misclassified.png, gradcam.png), into a folder of their own: never over the run'
 
 import torch
 
-from .build import bn_images, load_data, pick_runtime, plain_batches, run_images, take
+from ..data.subsets import balanced_split, run_images
+from ..errors import UserError
+from ..report.error_report import write_error_report
+from ..runs.folder import check_new_or_empty, claimed_folder, eval_folder
+from ..runs.outputs import write_json
 from .engine import evaluate, format_test_line, recalibrate_bn
-from .errors import UserError
 from .inference import load_trained
-from .outputs import write_json
-from .report import write_error_report
-from .run_folder import check_new_or_empty, claimed_folder, eval_folder
+from .setup import bn_images, load_data, pick_runtime, plain_batches
 
 
 def run_splits(args, ds, flags, num_classes, data):
@@ -55,7 +56,7 @@ def evaluate_checkpoint(recipe, args):
     if args.recalibrate_bn:
         bn_loader = bn_images(args, train, len(classes), device, mean, std, info["flags"]["batch_size"])
         recalibrate_bn(model, bn_loader, device, amp_dtype)
-    scored = val if args.eval_split == "val" else take(ds.test, args.test_subset, len(classes))
+    scored = val if args.eval_split == "val" else balanced_split(ds.test, args.test_subset, len(classes))
     loader = plain_batches(args, scored, device, mean, std)
     result = evaluate(model, loader, device, amp_dtype, keep_predictions=True, tta=args.tta, tta_shift=args.tta_shift,
                       progress=not args.no_progress)

@@ -5,10 +5,10 @@ misclassified images, and Grad-CAM on some of them."""
 import numpy as np
 import torch
 
+from ..data.augment import tta_views
+from ..data.loader import channel_tensor, normalize
 from . import plots
-from .engine import tta_views
 from .gradcam import default_cam_layer, grad_cam
-from .loader import channel_tensor, normalize
 
 MISCLASSIFIED_SHOWN = 20
 GRADCAM_SHOWN = 12

@@ -9,21 +9,33 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plots
-from .build import Setup, bn_images, describe_device
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..device import deterministic_algorithms, make_scaler
+from ..errors import UserError
+from ..flags import peak_epoch, plain_flags, refuse_contradictions, validate
+from ..report import plots
+from ..report.error_report import write_error_report
+from ..runs.checkpoint import load_checkpoint, save_checkpoint
+from ..runs.folder import (
+    check_run_folder,
+    claimed_run_folder,
+    default_out,
+    resume_command,
+    run_folder,
+)
+from ..runs.outputs import atomic_write_text, write_history_csv, write_json
+from ..runs.resume import merge_resume_flags, refuse_changed_flags, restore, rng_state
 from .compiled import compile_model
-from .device import deterministic_algorithms, make_scaler
-from .engine import NonFiniteLoss, evaluate, format_test_line, recalibrate_bn, train_epoch
-from .errors import UserError
+from .engine import (
+    NonFiniteLoss,
+    evaluate,
+    format_test_line,
+    recalibrate_bn,
+    train_epoch,
+)
 from .eval_only import evaluate_checkpoint
-from .flags import peak_epoch, plain_flags, refuse_contradictions, validate
-from .lr_finder_runner import checkpoint_bounds, resolve_lr_bounds
-from .outputs import atomic_write_text, write_history_csv, write_json
-from .report import write_error_report
-from .resume import merge_resume_flags, refuse_changed_flags, restore, rng_state
-from .run_folder import check_run_folder, claimed_run_folder, default_out, resume_command, run_folder
+from .lr_bounds import checkpoint_bounds, resolve_lr_bounds
 from .schedule import one_cycle_for_recipe, trace
+from .setup import Setup, bn_images, describe_device
 
 
 def print_summary(setup, recipe, out):

@@ -1,25 +1,10 @@
-"""The images a run trains and tests on, held on the device as uint8 and batched there:
-class-balanced subsets, the channel statistics, and ``DeviceLoader``."""
+"""The images a run trains and tests on, held on the device as uint8 and batched there: the
+channel statistics, normalization, and ``DeviceLoader``."""
 
 import numpy as np
 import torch
 
 from .augment import alternating_flip
-
-
-def balanced_subset(labels, n, num_classes):
-    """The first ``n`` indices in dataset order with the classes as equal as possible.
-
-    Each class gives its first n // C images, and the first n % C classes one more, so quick
-    runs on a subset see every class and always the same images.
-    """
-    if n is None or n >= len(labels):
-        return np.arange(len(labels))
-    picks = []
-    for c in range(num_classes):
-        quota = n // num_classes + (1 if c < n % num_classes else 0)
-        picks.append(np.flatnonzero(labels == c)[:quota])
-    return np.sort(np.concatenate(picks))
 
 
 def channel_stats(images):

@@ -11,19 +11,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import plots
-from .build import Setup
-from .cli import build_predict_parser, build_range_test_parser, build_train_parser, given_flags, run_cli
-from .device import deterministic_algorithms, pick_device
-from .errors import UserError
-from .flags import plain_flags
-from .gradcam import default_cam_layer, grad_cam
-from .inference import image_files, load_trained, predict, prepare, read_image, top_k
-from .lr_finder_runner import find_bounds
-from .outputs import check_folder, make_folder
-from .recipes import RECIPES
-from .run_folder import check_new_or_empty, check_range_test_folder, claimed_folder, new_folder
-from .trainer import run_training
+from ..device import deterministic_algorithms, pick_device
+from ..errors import UserError
+from ..flags import plain_flags
+from ..report import plots
+from ..report.gradcam import default_cam_layer, grad_cam
+from ..runs.folder import (
+    check_new_or_empty,
+    check_range_test_folder,
+    claimed_folder,
+    new_folder,
+)
+from ..runs.outputs import check_folder, make_folder
+from ..train.inference import (
+    image_files,
+    load_trained,
+    predict,
+    prepare,
+    read_image,
+    top_k,
+)
+from ..train.loop import run_training
+from ..train.lr_bounds import find_bounds
+from ..train.recipes import RECIPES
+from ..train.schedule import Cyclic, one_cycle_for_recipe, trace
+from ..train.setup import Setup
+from .parsers import (
+    build_predict_parser,
+    build_range_test_parser,
+    build_train_parser,
+    given_flags,
+    run_cli,
+)
 
 
 def train_main(recipe_name, argv=None):
@@ -45,7 +64,7 @@ def run_range_test(args):
     if args.plot_schedules:
         check_new_or_empty(out, args.overwrite, "--plot-schedules")
         with claimed_folder(out):
-            for path in plots.plot_schedule_examples(out, "ResNet", RECIPES["resnet"].defaults):
+            for path in draw_schedule_examples(out, "ResNet", RECIPES["resnet"].defaults):
                 print(f"wrote {path}")
         return 0
     if args.start_lr >= args.end_lr:
@@ -98,6 +117,29 @@ def sweep(recipe, args, train_args, script_defaults, out):
     print(f"(or: {shlex.join(['python', recipe.script, '--lr-from', str(out / 'lr_finder.json'), *run_flags])})")
     print(f"Wrote {out / 'lr_finder.json'} and {out / 'lr_finder.png'}")
     return 0
+
+
+def draw_schedule_examples(out, name, recipe_defaults, train_images=50_000):
+    """The superconvergence assignment's 'draw this curve': a triangular cyclic LR over several
+    cycles, and the ``name`` recipe's one-cycle LR with its momentum, peaking at epoch 5, from
+    ``recipe_defaults`` (epochs, batch size, LR bounds, momentum cycling) over ``train_images``.
+    Returns the PNG paths."""
+    paths = [out / "cyclic_lr.png", out / "one_cycle.png"]
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    cyclic = Cyclic(sgd, base_lr=1e-3, max_lr=1e-2, step_size_up=500, mode="triangular", cycle_momentum=False)
+    lrs, _ = trace(cyclic, 4 * 1000 + 1)
+    plots.plot_cyclic_lr(lrs, 1e-3, 1e-2, paths[0], "Triangular cyclic LR (step size 500, 4 cycles)")
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9, nesterov=True)
+    d = recipe_defaults
+    steps_per_epoch = train_images // d["batch_size"]
+    one_cycle = one_cycle_for_recipe(sgd, lr_max=d["lr_max"], lr_min=d["lr_min"], epochs=d["epochs"],
+                                     steps_per_epoch=steps_per_epoch, max_at_epoch=5,
+                                     cycle_momentum=d["cycle_momentum"])
+    lrs, moms = trace(one_cycle, one_cycle.total_steps)
+    plots.plot_lr_schedule(lrs, moms, steps_per_epoch, paths[1],
+                           title=f"{name} recipe: one-cycle {d['lr_min']:g} -> {d['lr_max']:g} (epoch 5) -> "
+                                 f"{d['lr_min']:g} over {d['epochs']} epochs, no annihilation")
+    return paths
 
 
 def recipe_flags(script_defaults, args):

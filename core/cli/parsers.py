@@ -1,18 +1,28 @@
 """The scripts' command lines: their parsers, and the wrapper that turns a UserError into a
 one-line message and a non-zero exit instead of a traceback. What each script does with its
 parsed flags is ``core.commands``; docs/flags.md is generated from these parsers by
-``core.flags_doc``."""
+``core.cli.flags_doc``."""
 
 import argparse
 import sys
 
-from .build import DECAY_EXEMPT, OPTIMIZERS
-from .compiled import COMPILE_MODES
-from .errors import UserError
-from .flags import (at_least_two, below_one, learning_rate, lr_or_find, non_negative_float, non_negative_int,
-                    positive_float, positive_int, seed_value, whole_number)
-from .lr_finder import METHODS
-from .recipes import RECIPES
+from ..errors import UserError
+from ..flags import (
+    at_least_two,
+    below_one,
+    learning_rate,
+    lr_or_find,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_value,
+    whole_number,
+)
+from ..train.compiled import COMPILE_MODES
+from ..train.lr_finder import METHODS
+from ..train.optim import DECAY_EXEMPT, OPTIMIZERS
+from ..train.recipes import RECIPES
 
 
 class ArgumentParser(argparse.ArgumentParser):

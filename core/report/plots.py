@@ -7,10 +7,8 @@ and every figure is written to a temporary file and renamed, so a crash leaves n
 import os
 
 import numpy as np
-import torch
 
-from .outputs import temp_path, write_failed
-from .schedule import Cyclic, one_cycle_for_recipe, trace
+from ..runs.outputs import temp_path, write_failed
 
 
 def _pyplot():
@@ -116,36 +114,18 @@ def plot_range_test(lrs, losses, raw_losses, suggestions, bounds, diverged_at, m
     _save(fig, path)
 
 
-def plot_schedule_examples(out, name, recipe_defaults, train_images=50_000):
-    """The superconvergence assignment's 'draw this curve': a triangular cyclic LR over several
-    cycles, and the ``name`` recipe's one-cycle LR with its momentum, peaking at epoch 5, from
-    ``recipe_defaults`` (epochs, batch size, LR bounds, momentum cycling) over ``train_images``.
-    Returns the PNG paths."""
+def plot_cyclic_lr(lrs, base_lr, max_lr, path, title):
+    """A cyclic LR per iteration, with its two bounds marked."""
     plt = _pyplot()
-    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
-    cyclic = Cyclic(sgd, base_lr=1e-3, max_lr=1e-2, step_size_up=500, mode="triangular", cycle_momentum=False)
-    lrs, _ = trace(cyclic, 4 * 1000 + 1)
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.plot(lrs, color="tab:blue")
-    ax.axhline(1e-3, color="0.5", ls=":", lw=1)
-    ax.axhline(1e-2, color="0.5", ls=":", lw=1)
-    ax.text(0, 1e-2, " max_lr", va="bottom", color="0.4")
-    ax.text(0, 1e-3, " base_lr", va="bottom", color="0.4")
-    ax.set(xlabel="iteration", ylabel="learning rate", title="Triangular cyclic LR (step size 500, 4 cycles)")
+    ax.axhline(base_lr, color="0.5", ls=":", lw=1)
+    ax.axhline(max_lr, color="0.5", ls=":", lw=1)
+    ax.text(0, max_lr, " max_lr", va="bottom", color="0.4")
+    ax.text(0, base_lr, " base_lr", va="bottom", color="0.4")
+    ax.set(xlabel="iteration", ylabel="learning rate", title=title)
     ax.grid(alpha=0.3)
-    paths = [out / "cyclic_lr.png", out / "one_cycle.png"]
-    _save(fig, paths[0])
-    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9, nesterov=True)
-    d = recipe_defaults
-    steps_per_epoch = train_images // d["batch_size"]
-    one_cycle = one_cycle_for_recipe(sgd, lr_max=d["lr_max"], lr_min=d["lr_min"], epochs=d["epochs"],
-                                     steps_per_epoch=steps_per_epoch, max_at_epoch=5,
-                                     cycle_momentum=d["cycle_momentum"])
-    lrs, moms = trace(one_cycle, one_cycle.total_steps)
-    plot_lr_schedule(lrs, moms, steps_per_epoch, paths[1],
-                     title=f"{name} recipe: one-cycle {d['lr_min']:g} -> {d['lr_max']:g} (epoch 5) -> "
-                           f"{d['lr_min']:g} over {d['epochs']} epochs, no annihilation")
-    return paths
+    _save(fig, path)
 
 
 def plot_confusion(confusion, classes, path):

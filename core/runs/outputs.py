@@ -17,7 +17,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from .errors import UserError
+from ..errors import UserError
 
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
                   "epoch_time_s"]

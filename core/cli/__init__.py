@@ -1,0 +1,1 @@
+"""The command lines: parsers, one-line errors, what each entry point does, the generated flags page."""

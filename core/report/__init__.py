@@ -1,0 +1,1 @@
+"""What a run shows: figures, the error report, Grad-CAM, the model summary and the receptive field."""

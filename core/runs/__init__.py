@@ -1,0 +1,1 @@
+"""A run's folder and what lasts of it: atomic writes, the lock, checkpoints, resume."""
