@@ -34,6 +34,7 @@ def test_crop_at_every_offset_matches_numpy_pad_then_crop(mode, padding):
         np.testing.assert_array_equal(out[i].numpy(), expected, err_msg=f"{mode} offset {(oy, ox)}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "symmetric"])
 def test_crop_matches_torchvision_pad_then_crop(mode):
     tvf = pytest.importorskip("torchvision.transforms.functional")

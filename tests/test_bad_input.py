@@ -14,6 +14,7 @@ import train_dilated
 import train_ultimus
 from core.data.dataset import load_dataset
 from core.errors import UserError
+from core.train import setup
 from core.train.lr_finder import lr_schedule
 from tests.conftest import one_error_line, write_batches, write_image_folder
 
@@ -45,6 +46,7 @@ def digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_eval_only_writes_beside_the_run_and_leaves_every_file_of_it_alone(run, data, capsys):
     before = digests(run)
     assert train_ultimus.main(["--eval-only", "--resume", str(run / "best.pt"), "--data", str(data), "--device", "cpu",
@@ -56,6 +58,7 @@ def test_eval_only_writes_beside_the_run_and_leaves_every_file_of_it_alone(run, 
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith(str(evals[0]))
 
 
+@pytest.mark.slow
 def test_eval_only_into_a_folder_that_is_not_empty_is_refused_unless_told(run, finished, data, tmp_path, capsys):
     other = shutil.copytree(finished, tmp_path / "other")
     before = digests(other)
@@ -69,6 +72,7 @@ def test_eval_only_into_a_folder_that_is_not_empty_is_refused_unless_told(run, f
     assert json.loads((other / "eval.json").read_text())["checkpoint"] == str(run / "best.pt")
 
 
+@pytest.mark.slow
 def test_the_range_test_refuses_a_folder_holding_a_run_or_a_range_test(run, data, capsys):
     before = digests(run)
     sweep = ["--model", "ultimus", "--data", str(data), "--cache-dir", "none", "--device", "cpu", "--batch-size", "50",
@@ -83,6 +87,7 @@ def test_the_range_test_refuses_a_folder_holding_a_run_or_a_range_test(run, data
     assert "lr_finder.json" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_drawing_the_schedules_into_a_folder_that_is_not_empty_is_refused(run, capsys):
     before = digests(run)
     assert lr_range_test.main(["--plot-schedules", "--out", str(run)]) == 1
@@ -99,6 +104,7 @@ def test_more_runs_into_a_folder_holding_a_runs_summary_are_refused(data, tmp_pa
     assert (base / "runs.json").read_text() == '{"runs": 2}' and [p.name for p in base.iterdir()] == ["runs.json"]
 
 
+@pytest.mark.slow
 def test_predict_refuses_to_replace_grad_cam_images_unless_told(finished, tmp_path, capsys):
     from PIL import Image
     image = tmp_path / "cat.png"
@@ -114,6 +120,7 @@ def test_predict_refuses_to_replace_grad_cam_images_unless_told(finished, tmp_pa
     assert predict.main([*command, "--overwrite"]) == 0 and drawn.read_bytes() != b"the user's own"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, named", [
     (["--lr-from", "J", "--lr-max", "0.1"], "drop --lr-max"),
     (["--lr-from", "J", "--lr-min", "0.001"], "drop --lr-min"),
@@ -131,6 +138,7 @@ def test_flags_that_one_would_silently_override_are_refused(data, tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_range_test_of_another_model_or_optimizer_is_refused(data, tmp_path, capsys):
     sweep = tmp_path / "sweep"
     assert lr_range_test.main(["--model", "ultimus", "--data", str(data), "--cache-dir", "none", "--device", "cpu",
@@ -159,6 +167,15 @@ def test_a_model_too_large_to_build_or_train_is_refused_before_any_allocation(da
     assert named in line and f"--width {width}" in line and not (tmp_path / "run").exists()
 
 
+def test_a_batch_whose_activations_cannot_fit_is_refused_before_training(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(setup, "device_memory", lambda device: 2**30)
+    assert train_ultimus.main(tiny(data, tmp_path / "ok", "--batch-size", "50")) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(setup, "device_memory", lambda device: 2**20)
+    assert train_ultimus.main(tiny(data, tmp_path / "run", "--batch-size", "50")) == 1
+    assert "--batch-size 50 needs at least" in one_error_line(capsys) and not (tmp_path / "run").exists()
+
+
 def test_learning_rates_beyond_float32_are_refused_and_an_extreme_sweep_stays_finite(capsys):
     with pytest.raises(SystemExit) as exit_:
         lr_range_test.main(["--mode", "linear", "--start-lr", "1e-300", "--end-lr", "1e300"])
@@ -167,6 +184,7 @@ def test_learning_rates_beyond_float32_are_refused_and_an_extreme_sweep_stays_fi
     assert all(0 < lr < float("inf") for lr in lrs) and lrs[-1] == 3e38
 
 
+@pytest.mark.slow
 def test_lr_max_find_sweeps_num_iter_steps_and_shows_them(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_ultimus.main(tiny(data, out, "--lr-max", "find", "--num-iter", "20")) == 0

@@ -30,6 +30,7 @@ def test_benchmark_prints_a_ratio_row_per_model(throughput, tmp_path, capsys):
     assert ratio > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(sgd_impl="foreach"), dict(sgd_impl="fused"), dict(sync_each_step=True)])
 def test_step_variants_train_the_model(throughput, options):
     import torch

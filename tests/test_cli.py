@@ -51,6 +51,7 @@ def full_run(data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_run_writes_every_output(full_run, capfd):
     names = {p.name for p in full_run.iterdir()}
     assert {"metrics.json", "metrics.csv", "summary.txt", "last.pt", "best.pt", "curves.png",
@@ -71,6 +72,7 @@ def test_a_run_writes_every_output(full_run, capfd):
     assert ckpt["epoch"] == 3 and ckpt["args"]["lr_max"] == 0.05
 
 
+@pytest.mark.slow
 def test_tta_changes_the_evaluation_but_not_the_training(data, full_run, tmp_path):
     """The recipes turn TTA on by default; a run without it must train the very same weights,
     so one checkpoint evaluated both ways compares the two fairly."""
@@ -83,6 +85,7 @@ def test_tta_changes_the_evaluation_but_not_the_training(data, full_run, tmp_pat
     assert training_figures(metrics(full_run)) == training_figures(metrics(tmp_path))
 
 
+@pytest.mark.slow
 def test_eval_every_skips_test_figures_between_evaluations_but_trains_the_same(data, full_run, tmp_path, capsys):
     assert train_resnet.main(tiny(data, tmp_path, "--eval-every", "2")) == 0
     assert capsys.readouterr().out.count("Test set:") == 2  # epoch 2, and the last
@@ -99,6 +102,7 @@ def test_eval_every_skips_test_figures_between_evaluations_but_trains_the_same(d
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_log_has_the_seed_style_lines(data, tmp_path, capsys):
     assert train_resnet.main(tiny(data, tmp_path, "--epochs", "2")) == 0
     out = capsys.readouterr().out
@@ -123,6 +127,7 @@ def assert_same_run(resumed, straight):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(data, full_run, tmp_path, monkeypatch):
     interrupt_then_resume(data, tmp_path, monkeypatch)
     assert_same_run(tmp_path, full_run)
@@ -132,6 +137,7 @@ def test_interrupted_run_resumes_to_the_same_result(data, full_run, tmp_path, mo
     assert metrics(full_run)["resumed_with"] == []
 
 
+@pytest.mark.slow
 def test_interrupted_run_with_two_param_groups_resumes_to_the_same_result(data, tmp_path, monkeypatch):
     """The bag-of-tricks flags add a second optimizer group (64x LR biases), a whitening basis and
     frozen BN scales; resuming must restore all of them from the checkpoint alone."""
@@ -144,6 +150,7 @@ def test_interrupted_run_with_two_param_groups_resumes_to_the_same_result(data, 
     assert_same_run(resumed, straight)
 
 
+@pytest.mark.slow
 def test_ema_and_alternating_flip_resume_exactly_and_evaluation_uses_the_average(
         data, full_run, tmp_path, monkeypatch, capsys):
     """The average is state of its own (in the checkpoint) and the flips depend on the epoch
@@ -168,9 +175,10 @@ def test_ema_and_alternating_flip_resume_exactly_and_evaluation_uses_the_average
     assert (evaluated["test_acc"], evaluated["test_loss"]) == (final["test_acc"], pytest.approx(final["test_loss"]))
 
 
+@pytest.mark.slow
 def test_the_average_leaves_training_alone(data, full_run, tmp_path):
     """The average only reads the live weights, so runs that differ in --ema-decay alone train the
-    same weights: one trajectory can be judged under several averages (docs/results.md)."""
+    same weights: one trajectory can be judged under several averages (docs/lab/results.md)."""
     out = tmp_path / "ema"
     assert train_resnet.main(tiny(data, out, "--ema-decay", "0.8")) == 0
     assert training_figures(metrics(out)) == training_figures(metrics(full_run))
@@ -179,6 +187,7 @@ def test_the_average_leaves_training_alone(data, full_run, tmp_path):
     assert plain["ema"] is None and not torch.equal(averaged["ema"]["fc.weight"], plain["model"]["fc.weight"])
 
 
+@pytest.mark.slow
 def test_recalibrated_bn_leaves_training_alone_and_eval_only_reproduces_it(data, full_run, tmp_path, capsys):
     """Recalibration rewrites only BN running statistics, which training (in train mode) never
     reads, so the run trains exactly as without the flag; --eval-only with the flag, on the plain
@@ -198,6 +207,7 @@ def test_recalibrated_bn_leaves_training_alone_and_eval_only_reproduces_it(data,
     assert (evaluated["test_acc"], evaluated["test_loss"]) == (recal[-1]["test_acc"], pytest.approx(recal[-1]["test_loss"]))
 
 
+@pytest.mark.slow
 def test_eval_only_on_a_test_only_folder(full_run, tmp_path, capsys):
     test_only = write_image_folder(tmp_path / "test_only", n_train=0, n_test=100)
     args = ["--eval-only", "--resume", str(full_run / "best.pt"), "--data", str(test_only),
@@ -217,6 +227,7 @@ def test_eval_only_on_a_test_only_folder(full_run, tmp_path, capsys):
     assert "--recalibrate-bn needs training images" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys):
     code = train_resnet.main(tiny(data, tmp_path, "--lr-max", "1e12", "--lr-min", "1e11", "--amp", "off"))
     assert code == 1
@@ -244,6 +255,7 @@ def test_out_of_range_model_and_evaluation_flags_are_refused(data, tmp_path, cap
     assert flags[0] in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_cutout_size_reaches_the_training_batches(data, full_run, tmp_path):
     """The default run trains with the spec's 8x8 square; another size trains other weights, and
     the run records which it used."""
@@ -254,6 +266,7 @@ def test_cutout_size_reaches_the_training_batches(data, full_run, tmp_path):
     assert load_checkpoint(tmp_path / "none" / "last.pt", "resnet")["args"]["cutout_size"] == 0
 
 
+@pytest.mark.slow
 def test_ghost_batch_trains_another_model_and_evaluation_loads_checkpoints_without_the_flag(
         data, full_run, tmp_path, capsys):
     """--ghost-batch changes training only; a checkpoint written before the flag existed has no
@@ -272,6 +285,7 @@ def test_ghost_batch_trains_another_model_and_evaluation_loads_checkpoints_witho
     assert "Test set: Average loss: " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_whiten_fits_the_basis_to_the_data_and_evaluation_restores_it(data, full_run, tmp_path, capsys):
     """Evaluation builds the model without training data, so only the saved basis can give back
     the accuracy the run measured."""
@@ -288,6 +302,7 @@ def test_whiten_fits_the_basis_to_the_data_and_evaluation_restores_it(data, full
     assert evaluated["test_acc"] == metrics(out)["best_test_acc"]
 
 
+@pytest.mark.slow
 def test_logit_scale_trains_another_model_and_evaluation_rebuilds_it(data, full_run, tmp_path, capsys):
     """The scale has no parameter, so only the flags saved in the checkpoint can give evaluation
     back the logits, and so the test loss, that the run measured."""
@@ -336,6 +351,7 @@ def cuda_trained_before_the_device_was_saved(ckpt):
     ckpt["rng"]["aug"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA (Philox) generator's state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, message", [
     (cuda_trained, "was trained on cuda and this run is on cpu: an exact resume needs the same kind of device, "
                    "so resume with --device cuda"),
@@ -352,6 +368,7 @@ def test_resuming_on_another_kind_of_device_is_refused(full_run, tmp_path, capsy
     assert message in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_a_run_without_fp16_resumes_under_fp16_loss_scaling(data, tmp_path, monkeypatch):
     """A run started on an A100 (bf16, so no loss scale saved) and resumed on a T4 (fp16, with a
     GradScaler) must go on with a new loss scale rather than fail to load the empty one."""
@@ -392,6 +409,7 @@ def test_default_data_without_internet(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no ./data left behind, and no output folder
 
 
+@pytest.mark.slow
 def test_real_process_exits_non_zero_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "train_resnet.py", "--data", str(tmp_path / "missing"), "--device", "cpu"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -414,6 +432,7 @@ def test_each_optimizer_has_its_own_default_weight_decay_unless_one_is_given():
     assert resnet["adam"] != resnet["sgd"] != resnet["adamw"]
 
 
+@pytest.mark.slow
 def test_a_run_trains_with_its_optimizers_weight_decay_and_records_it(data, tmp_path):
     out = tmp_path / "adamw"
     assert train_resnet.main(tiny(data, out, "--optimizer", "adamw", "--epochs", "2")) == 0
@@ -422,6 +441,7 @@ def test_a_run_trains_with_its_optimizers_weight_decay_and_records_it(data, tmp_
     assert metrics(out)["weight_decay"] == expected
 
 
+@pytest.mark.slow
 def test_frozen_bn_scales_and_bias_lr_scale(data, full_run, tmp_path):
     """The BN scales stay exactly 1 through training, and the bias group trains at 64x the
     weights' LR with weight decay / 64."""

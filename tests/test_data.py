@@ -278,6 +278,7 @@ def cifar_server(tmp_path, monkeypatch):
     server.server_close()
 
 
+@pytest.mark.slow
 def test_real_download_verifies_extracts_and_keeps_only_the_batches(tmp_path, cifar_server):
     root = tmp_path / "work" / "data"
     check(load_dataset(root, download=True, cache_dir=None))
@@ -285,6 +286,7 @@ def test_real_download_verifies_extracts_and_keeps_only_the_batches(tmp_path, ci
     assert [p.name for p in root.parent.iterdir()] == ["data"]
 
 
+@pytest.mark.slow
 def test_real_download_with_a_wrong_checksum_is_refused_and_leaves_nothing(tmp_path, cifar_server, monkeypatch):
     import torchvision.datasets
 

@@ -85,6 +85,7 @@ def archive_with(tmp_path, extra_name, extra_size):
     return archive
 
 
+@pytest.mark.slow
 def test_an_archive_member_the_dataset_does_not_need_is_never_read(tmp_path):
     big = 64 << 20
     archive = archive_with(tmp_path, "cifar/notes/huge.txt", big)

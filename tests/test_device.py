@@ -115,6 +115,7 @@ def _faults(setting):
     return int(done.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is what is tuned")
 def test_keep_freed_memory_reuses_big_buffers_instead_of_faulting_in_new_pages():
     pages = 3 * 2 * (64 << 20) // 4096

@@ -59,6 +59,7 @@ def test_every_step_runs_a_command_its_script_accepts(tmp_path, monkeypatch, tin
     assert all(f"| {name} | ok |" in table for name in STEPS)
 
 
+@pytest.mark.slow
 def test_the_resume_checks_interrupt_a_run_and_find_its_resume_identical_on_the_cpu(tmp_path, monkeypatch):
     data = write_image_folder(tmp_path / "cifar10", n_train=100, n_test=40)
     monkeypatch.setattr(gpu_check, "STEP_GROUPS", (gpu_check.resume_steps,))
@@ -73,6 +74,7 @@ def test_the_resume_checks_interrupt_a_run_and_find_its_resume_identical_on_the_
                                                                  "max_test_loss_diff": 0.0}
 
 
+@pytest.mark.slow
 def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
     data = write_image_folder(tmp_path / "cifar10", n_train=20, n_test=10)
 

@@ -61,6 +61,7 @@ def host_reads_in_an_fp16_epoch(fused, steps, monkeypatch):
     return len(reads)
 
 
+@pytest.mark.slow
 def test_an_fp16_step_with_the_fused_optimizer_never_syncs_the_host(monkeypatch):
     """The fused optimizers take the GradScaler's overflow flag on the device; the per-tensor ones
     make GradScaler.step read it on the host every step (the CUDA path uses the fused ones)."""
@@ -106,6 +107,7 @@ def test_deterministic_mode_holds_inside_the_block_only(monkeypatch):
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
+@pytest.mark.slow
 def test_a_deterministic_run_is_kept_deterministic_on_resume(data, tmp_path, monkeypatch):
     seen = []
     real = loop.train
@@ -139,6 +141,7 @@ def counting_compile(monkeypatch):
     return graphs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("--ema-decay", "0.9")])
 def test_compile_builds_one_graph_for_training_and_one_for_evaluation(data, tmp_path, monkeypatch, extra):
     """110 test images in batches of 100 leave a ragged last one, and shift TTA adds crops: each
@@ -155,6 +158,7 @@ def test_compile_builds_one_graph_for_training_and_one_for_evaluation(data, tmp_
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_each_save_serializes_once_and_best_pt_shares_last_pts_file(data, tmp_path, monkeypatch):
     saves = []
     real = torch.save
@@ -169,6 +173,7 @@ def test_each_save_serializes_once_and_best_pt_shares_last_pts_file(data, tmp_pa
     assert checkpoint.load_checkpoint(best, "ultimus")["epoch"] == best_epoch
 
 
+@pytest.mark.slow
 def test_save_every_writes_last_pt_less_often_and_resumes_from_the_last_written(data, tmp_path, monkeypatch, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train_ultimus.main(tiny(data, straight, epochs=3)) == 0

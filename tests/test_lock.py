@@ -35,6 +35,7 @@ def _dead_pid():
                               text=True).stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its processes")
 def test_processes_entering_the_lock_together_never_hold_it_at_once(tmp_path):
     """Every other trial starts from a stale lock, which exactly one of them takes over at a time."""

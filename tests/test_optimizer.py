@@ -61,6 +61,7 @@ def by_module_kind(model):
     return kinds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exempt", ["bias-norm", "bias-norm-depthwise"])
 def test_decay_exempt_leaves_biases_norms_and_depthwise_filters_undecayed(exempt):
     model = DilatedNet()

@@ -54,6 +54,7 @@ def test_confusion_and_per_class_accuracy_against_a_count_by_hand():
     assert per_class_accuracy(confusion, ["a", "b", "c", "d"]) == {"a": 50.0, "b": 100.0, "c": 200 / 3, "d": None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_a_run_records_its_confusion_and_draws_its_errors(runs, name):
     out = runs / name
@@ -67,6 +68,7 @@ def test_a_run_records_its_confusion_and_draws_its_errors(runs, name):
         assert (out / figure).stat().st_size > 5_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_predict_gives_the_models_own_top_class(runs, test_pngs, name, capsys):
     checkpoint = runs / name / "last.pt"
@@ -88,6 +90,7 @@ def test_predict_gives_the_models_own_top_class(runs, test_pngs, name, capsys):
             assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_resizes_any_image_and_writes_grad_cam(runs, tmp_path, capsys):
     big = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 60, 3), dtype=np.uint8)).save(big)
@@ -101,6 +104,7 @@ def test_predict_resizes_any_image_and_writes_grad_cam(runs, tmp_path, capsys):
     assert read_image(big).shape == (3, 32, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, message", [
     (lambda d: (d / "notes.jpg").write_text("not an image") and d / "notes.jpg", "cannot read"),
     (lambda d: d / "missing.png", "does not exist"),
@@ -113,6 +117,7 @@ def test_predict_bad_images_get_one_line_naming_them(runs, tmp_path, capsys, mak
     assert message in line and str(path) in line
 
 
+@pytest.mark.slow
 def test_predict_bad_checkpoints_and_topk(runs, test_pngs, tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"no")
@@ -124,6 +129,7 @@ def test_predict_bad_checkpoints_and_topk(runs, test_pngs, tmp_path, capsys):
         assert exit_info.value.code == 2 and "must lie in 1..10" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_eval_only_writes_the_report_too(runs, data, tmp_path):
     assert train_ultimus.main(["--eval-only", "--resume", str(runs / "ultimus" / "last.pt"), "--data", str(data),
                                "--out", str(tmp_path), "--device", "cpu", "--cache-dir", "none"]) == 0

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import profile_step  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["dilated", "ultimus"])
 def test_top_ops_rank_a_steps_own_time(batches_dir, cache, capsys, model):
     argv = ["--model", model, "--steps", "2", "--top", "6", "--json", "--data", str(batches_dir),

@@ -10,7 +10,8 @@ import torch
 
 import train_dilated
 import train_ultimus
-from core.cli.parsers import build_train_parser
+from core.cli.flags_doc import flags_markdown
+from core.cli.parsers import build_train_parser, script_parsers
 from core.flags import plain_flags
 from core.runs.checkpoint import load_checkpoint, save_checkpoint
 from core.runs.resume import (
@@ -56,12 +57,9 @@ def test_the_run_place_flags_are_flags_and_no_training_flag_is_one(name):
     assert not RUN_PLACE_FLAGS & training
 
 
-def test_the_readme_and_training_page_name_exactly_the_flags_a_resume_takes():
-    readme = (ROOT / "README.md").read_text().split("line only ")[1].split(";")[0]
-    page = (ROOT / "docs" / "training.md").read_text().split("where and how to run:")[1].split("(`RUN_")[0]
-    expected = {"--" + dest.replace("_", "-") for dest in RUN_PLACE_FLAGS}
-    assert set(re.findall(r"--[a-z-]+", readme)) == expected
-    assert set(re.findall(r"--[a-z-]+", page)) == expected
+def test_the_flags_page_names_exactly_the_flags_a_resume_takes():
+    section = flags_markdown(script_parsers()).split("## Resume")[1]
+    assert set(re.findall(r"`(--[a-z-]+)`", section)) == {"--" + d.replace("_", "-") for d in RUN_PLACE_FLAGS}
 
 
 def test_a_resume_takes_where_and_how_from_the_command_line_and_the_rest_from_the_checkpoint():
@@ -76,6 +74,7 @@ def test_a_resume_takes_where_and_how_from_the_command_line_and_the_rest_from_th
     assert typed.epochs == 9, "the parsed flags are not rewritten"
 
 
+@pytest.mark.slow
 def test_a_run_leaves_its_parsed_flags_alone_and_records_them_as_typed(data, tmp_path):
     recipe = RECIPES["ultimus"]
     args = build_train_parser(recipe).parse_args(tiny(data, tmp_path, "--lr-max", "find"))
@@ -90,6 +89,7 @@ def test_a_run_leaves_its_parsed_flags_alone_and_records_them_as_typed(data, tmp
     assert (m["lr_max"], m["lr_min"]) == (found["lr_max"], found["lr_min"])
 
 
+@pytest.mark.slow
 def test_lr_max_find_trains_exactly_as_its_bounds_given_as_flags(data, tmp_path):
     """The sweep draws batches and augmentations from the loader's generators; they are put back,
     so training after it is the training the found bounds get on their own."""
@@ -100,6 +100,7 @@ def test_lr_max_find_trains_exactly_as_its_bounds_given_as_flags(data, tmp_path)
     assert history(found_out) == history(given_out)
 
 
+@pytest.mark.slow
 def test_an_interrupted_lr_max_find_run_resumes_without_a_new_sweep(data, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train_ultimus.main(tiny(data, straight, "--lr-max", "find")) == 0
@@ -119,6 +120,7 @@ def as_written_before_lr_bounds(ckpt, out):
     return ckpt
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_lr_bounds_resumes_and_evaluates(data, tmp_path, monkeypatch, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train_ultimus.main(tiny(data, straight, "--lr-max", "find")) == 0
@@ -137,6 +139,7 @@ def test_a_checkpoint_from_before_lr_bounds_resumes_and_evaluates(data, tmp_path
     assert evaluated["test_acc"] == metrics(straight)["final_test_acc"]
 
 
+@pytest.mark.slow
 def test_a_one_step_warm_up_trains(data, tmp_path):
     """One batch per epoch and the peak after the first epoch: the warm-up phase has no length."""
     out = tmp_path / "one-step"
@@ -145,6 +148,7 @@ def test_a_one_step_warm_up_trains(data, tmp_path):
     assert [h["lr"] for h in metrics(out)["history"]] == pytest.approx([0.003, 0.00165, 0.0003])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(data, tmp_path, monkeypatch):
     """Nothing in training draws from the default CUDA generators: their states (one per GPU)
     are no longer saved, and an older checkpoint's are not restored, so the GPU count can differ."""
@@ -166,6 +170,7 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(data, tmp_path, monk
     assert history(resumed) == history(straight)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_crop_padding_resumes_with_the_crop_it_trained_with(data, tmp_path, monkeypatch):
     """Ultimus cropped with padding 4 before --crop-padding existed; its default is the search's
     now. A checkpoint without the flag must go on with 4, as the uninterrupted run did."""
@@ -180,6 +185,7 @@ def test_a_checkpoint_from_before_crop_padding_resumes_with_the_crop_it_trained_
     assert history(resumed) == history(straight)
 
 
+@pytest.mark.slow
 def test_a_dilated_checkpoint_from_before_the_search_evaluates_and_resumes_as_it_trained(data, tmp_path, monkeypatch):
     """The search moved C4 to 8x8 and weakened the augmentation. C4's size leaves every weight's
     shape alone, so a checkpoint without --c4-size would load into the new net without an error

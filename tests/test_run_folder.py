@@ -46,6 +46,7 @@ def finished(data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_moved_run_resumes_in_its_new_folder_and_never_recreates_the_old_one(data, tmp_path, monkeypatch):
     """Started with --out A and moved to B: the checkpoint still records A, but B is where it is."""
     a, b = tmp_path / "A", tmp_path / "B"
@@ -58,6 +59,7 @@ def test_a_moved_run_resumes_in_its_new_folder_and_never_recreates_the_old_one(d
     assert metrics(b)["history"][-1]["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_a_new_run_into_a_folder_holding_a_run_is_refused_unless_told(data, finished, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
@@ -72,6 +74,7 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_unless_told(data, fini
     assert not (out / "eval.json").exists() and metrics(out)["flags"]["seed"] == 1
 
 
+@pytest.mark.slow
 def test_a_resume_refuses_training_flags_that_differ_and_takes_those_that_agree(finished, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
@@ -84,6 +87,7 @@ def test_a_resume_refuses_training_flags_that_differ_and_takes_those_that_agree(
                                "--device", "cpu"]) == 0
 
 
+@pytest.mark.slow
 def test_resuming_an_older_checkpoint_into_its_folder_is_refused(data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     with ctrl_c_in_second_epoch(monkeypatch):
@@ -102,6 +106,7 @@ def test_resuming_an_older_checkpoint_into_its_folder_is_refused(data, tmp_path,
     assert load_checkpoint(branch / "last.pt")["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_folder_another_live_run_holds_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -117,6 +122,7 @@ def test_a_second_run_into_a_folder_another_live_run_holds_is_refused(data, tmp_
     assert not (out / outputs.LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_temp_files_of_dead_writers_are_removed_and_a_failed_write_leaves_none(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
@@ -159,6 +165,7 @@ def test_a_read_only_out_gets_one_line(data, tmp_path, capsys, monkeypatch):
     assert "Read-only file system" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classes", [2, 11])
 def test_any_number_of_classes_trains_and_writes_every_output(tmp_path, classes):
     names = [f"class{c:02d}" for c in range(classes)]
@@ -176,12 +183,14 @@ def test_any_number_of_classes_trains_and_writes_every_output(tmp_path, classes)
                                    "--cache-dir", "none", "--device", "cpu"]) == 1
 
 
+@pytest.mark.slow
 def test_the_resnet_trains_two_classes(tmp_path):
     root = write_image_folder(tmp_path / "imgs", n_train=40, n_test=20, classes=["cat", "dog"], num_labels=2)
     assert train_resnet.main(["--data", str(root), "--out", str(tmp_path / "r"), "--epochs", "1", "--batch-size", "20",
                               "--device", "cpu", "--cache-dir", "none", "--no-progress"]) == 0
 
 
+@pytest.mark.slow
 def test_eval_only_without_data_reads_the_checkpoints_data(finished, tmp_path, capsys):
     assert train_ultimus.main(["--eval-only", "--resume", str(finished / "last.pt"), "--out", str(tmp_path),
                                "--device", "cpu", "--cache-dir", "none"]) == 0
@@ -189,6 +198,7 @@ def test_eval_only_without_data_reads_the_checkpoints_data(finished, tmp_path, c
     assert evaluated["test_acc"] == metrics(finished)["final_test_acc"]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_missing_a_key_gets_one_line(finished, tmp_path, capsys):
     ckpt = load_checkpoint(finished / "last.pt")
     del ckpt["args"]
@@ -228,6 +238,7 @@ def test_the_dilated_width_and_the_sweep_length_are_checked(capsys):
         assert exit_info.value.code == 2 and "must be" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_the_range_test_prints_a_train_command_with_what_changed_its_reading(data, tmp_path, capsys):
     assert lr_range_test.main(["--data", str(data), "--out", str(tmp_path), "--device", "cpu", "--cache-dir", "none",
                                "--model", "ultimus", "--batch-size", "50", "--weight-decay", "1e-4",
@@ -237,6 +248,7 @@ def test_the_range_test_prints_a_train_command_with_what_changed_its_reading(dat
         assert part in command
 
 
+@pytest.mark.slow
 def test_a_sweep_that_finds_nothing_advises_the_train_scripts_own_flags(data, tmp_path, capsys, monkeypatch):
     from core.train import lr_bounds
 
@@ -249,6 +261,7 @@ def test_a_sweep_that_finds_nothing_advises_the_train_scripts_own_flags(data, tm
     assert "--lr-from" in line and "--num-iter" not in line
 
 
+@pytest.mark.slow
 def test_torch_saves_nothing_half_written_on_a_failed_checkpoint(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert train_ultimus.main(tiny(data, out)) == 0

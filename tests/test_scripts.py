@@ -30,6 +30,7 @@ def read(path):
     return json.loads(Path(path).read_text())
 
 
+@pytest.mark.slow
 def test_range_test_cli_writes_a_geometric_sweep_and_bounds(data, tmp_path, capsys):
     args = ["--model", "resnet", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "12",
             "--start-lr", "1e-5", "--end-lr", "10"]
@@ -47,6 +48,7 @@ def test_range_test_cli_writes_a_geometric_sweep_and_bounds(data, tmp_path, caps
     assert "python train_resnet.py --lr-max" in printed and "--lr-from" in printed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, method, lr_min_method", [
     (["--optimizer", "adam"], "conservative", "lr_max/1000"),
     (["--optimizer", "adam", "--method", "steepest"], "steepest", "lr_max/1000"),
@@ -86,6 +88,7 @@ def trained_with(printed, model):
     return tuple(getattr(numbers, f) for f in flags)
 
 
+@pytest.mark.slow
 def test_range_test_sweeps_the_param_groups_the_run_will_train(data, tmp_path, capsys, monkeypatch):
     seen = swept_groups(monkeypatch)
     args = ["--model", "dilated", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "4",
@@ -98,6 +101,7 @@ def test_range_test_sweeps_the_param_groups_the_run_will_train(data, tmp_path, c
     assert trained_with(capsys.readouterr().out, "dilated")[:2] == (4.0, "bias-norm-depthwise")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, flags, groups", [
     ("dilated", ["--decay-exempt", "none"], (1.0, "none", "sgd")),
     ("resnet", ["--optimizer", "adam", "--weight-decay", "0.001", "--decay-exempt", "bias-norm", "--bias-lr-scale", "2"],
@@ -115,6 +119,7 @@ def test_the_printed_command_trains_the_groups_the_range_test_swept(data, tmp_pa
     assert {d for d, _, _ in seen} - {0} == {decay}, "the decay the sweep used"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["resnet", "dilated"])
 def test_range_test_left_to_its_defaults_splits_the_parameters_as_the_train_script_does(data, tmp_path, model,
                                                                                        monkeypatch):
@@ -137,6 +142,7 @@ def test_plot_schedules_draws_both_curves(tmp_path):
     assert (tmp_path / "one_cycle.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_lr_max_find_trains_with_the_suggestion(data, tmp_path):
     """On the smallest net: the ResNet's own sweep runs in the range test's tests above."""
     args = [*common(data, tmp_path), "--epochs", "1", "--batch-size", "50", "--lr-max", "find"]
@@ -146,6 +152,7 @@ def test_lr_max_find_trains_with_the_suggestion(data, tmp_path):
     assert metrics["lr_source"].startswith("range test")
 
 
+@pytest.mark.slow
 def test_lr_from_reuses_a_saved_test(data, tmp_path):
     saved = tmp_path / "lr_finder.json"
     saved.write_text(json.dumps({"model": "resnet", "optimizer": "sgd", "lr_max": 0.02, "lr_min": 0.002}))
@@ -162,6 +169,7 @@ def test_lr_from_a_file_that_is_not_a_range_test(data, tmp_path, capsys):
     assert "is not an lr_finder.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_runs_reports_the_spread_over_seeds(data, tmp_path, capsys):
     args = [*common(data, tmp_path), "--epochs", "1", "--batch-size", "50", "--runs", "2", "--seed", "3"]
     assert train_ultimus.main(args) == 0
@@ -173,6 +181,7 @@ def test_runs_reports_the_spread_over_seeds(data, tmp_path, capsys):
     assert "± " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_dilated_script_prints_the_receptive_field(data, tmp_path, capsys):
     assert train_dilated.main([*common(data, tmp_path), "--epochs", "1", "--batch-size", "50"]) == 0
     out = capsys.readouterr().out
@@ -183,6 +192,7 @@ def test_dilated_script_prints_the_receptive_field(data, tmp_path, capsys):
     assert metrics["params"] < 200_000 and metrics["flags"]["downsample"] == "strided"
 
 
+@pytest.mark.slow
 def test_ultimus_exact_and_residual_variants_train(data, tmp_path):
     assert train_ultimus.main([*common(data, tmp_path / "exact"), "--epochs", "1", "--batch-size", "50"]) == 0
     assert train_ultimus.main([*common(data, tmp_path / "res"), "--epochs", "1", "--batch-size", "50",

@@ -201,6 +201,7 @@ def test_the_default_init_is_pytorchs_own_draw():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+@pytest.mark.slow
 def test_he_init_passes_far_more_of_the_per_image_signal_through_the_blocks():
     """Why --init exists: the net has no normalization, and with PyTorch's default draw the
     images' differences (the spread of the GAP features across a batch) shrink by orders of

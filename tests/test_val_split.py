@@ -68,6 +68,7 @@ def test_the_held_out_images_are_the_same_for_every_seed_and_never_in_a_training
     assert a.mean != plain.mean
 
 
+@pytest.mark.slow
 def test_a_run_scores_the_validation_split_every_epoch_and_chooses_best_by_it(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_ultimus.main(tiny(data, out, "--val-split", "60")) == 0
@@ -85,6 +86,7 @@ def test_a_run_scores_the_validation_split_every_epoch_and_chooses_best_by_it(da
     assert log.count("Test set: Average loss") == 1 and log.rindex("Test set") > log.rindex("EPOCH: 4")
 
 
+@pytest.mark.slow
 def test_without_a_validation_split_best_is_chosen_by_the_test_split(data, tmp_path):
     out = tmp_path / "run"
     assert train_ultimus.main(tiny(data, out)) == 0
@@ -94,6 +96,7 @@ def test_without_a_validation_split_best_is_chosen_by_the_test_split(data, tmp_p
     assert m["best_test_acc"] == max(h["test_acc"] for h in m["history"])
 
 
+@pytest.mark.slow
 def test_a_resumed_run_with_a_validation_split_matches_the_uninterrupted_one(data, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train_ultimus.main(tiny(data, straight, "--val-split", "60")) == 0
@@ -106,6 +109,7 @@ def test_a_resumed_run_with_a_validation_split_matches_the_uninterrupted_one(dat
     assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--val-split", "30"]) == 1
 
 
+@pytest.mark.slow
 def test_runs_report_the_validation_spread(data, tmp_path):
     out = tmp_path / "many"
     assert train_ultimus.main(tiny(data, out, "--val-split", "60", "--runs", "2", "--epochs", "2")) == 0
@@ -121,6 +125,7 @@ def test_a_validation_split_that_leaves_nothing_to_train_is_one_line(data, tmp_p
     assert "--batch-size" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_the_range_test_records_the_validation_loss_with_a_validation_split(data, tmp_path):
     out = tmp_path / "lr"
     assert lr_range_test.main(["--model", "ultimus", "--data", str(data), "--out", str(out), "--cache-dir", "none",
@@ -136,6 +141,7 @@ def score(script, data, checkpoint, out, *extra):
     return json.loads((out / "eval.json").read_text())
 
 
+@pytest.mark.slow
 def test_eval_only_scores_the_runs_validation_split_with_the_average_or_the_live_weights(data, tmp_path, capsys):
     """The average only reads the live weights, so the live weights of an --ema-decay run are
     those of the same run without it: --live-weights must score what that run scored."""
@@ -157,6 +163,7 @@ def test_eval_only_scores_the_runs_validation_split_with_the_average_or_the_live
     assert (test["split"], test["test_acc"]) == ("test", final["test_acc"]) and "val_acc" not in test
 
 
+@pytest.mark.slow
 def test_eval_only_recalibrates_bn_on_the_runs_training_images_not_the_held_out_ones(data, tmp_path):
     """--recalibrate-bn in training reads the first images of the run's training part (and leaves
     training alone); the first images of the whole split are the held-out ones, which must not
@@ -173,6 +180,7 @@ def test_eval_only_recalibrates_bn_on_the_runs_training_images_not_the_held_out_
     assert test["test_loss"] == pytest.approx(final["test_loss"])
 
 
+@pytest.mark.slow
 def test_eval_split_and_live_weights_refusals_are_one_line(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_ultimus.main(tiny(data, out, "--epochs", "2")) == 0

@@ -3,6 +3,7 @@
 
 import sys
 
+from ..runs.resume import RUN_PLACE_FLAGS
 from .parsers import script_parsers
 
 
@@ -37,7 +38,17 @@ def flags_markdown(parsers):
             lines.append(f"| {', '.join(f'`{o}`' for o in names)} | {_markdown_cell(value)} "
                          f"| {_default_cell(action)} | {_markdown_cell(action.help or '')} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + resume_section(parsers))
+
+
+def resume_section(parsers):
+    """Which flags ``--resume`` takes from the command line: those that say where and how to run
+    (``RUN_PLACE_FLAGS``); every other flag comes from the checkpoint."""
+    train = next(parser for script, parser in parsers.items() if script.startswith("train_"))
+    taken = [action.option_strings[0] for action in train._actions if action.dest in RUN_PLACE_FLAGS]
+    return ["## Resume", "", "`--resume` takes from the command line only the flags that say where and how to run: "
+            + ", ".join(f"`{flag}`" for flag in taken) + ". Every other flag comes from the checkpoint; one given "
+            "with another value than the run's is refused in one line.", ""]
 
 
 if __name__ == "__main__":

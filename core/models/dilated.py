@@ -10,7 +10,7 @@ a stride was dropped, which leaves the receptive field of every unit as it was (
 dilated residual networks). C1's residual conv is dilated in both variants. By default all but
 C1's three convs are depthwise-separable, whose parameters grow with c_in + c_out rather than
 c_in * c_out: that buys every block a fifth more width within 200k parameters than full convs
-in C2 would (the validation search's choice, docs/results.md#the-dilated-net).
+in C2 would (the validation search's choice, docs/lab/results.md#the-dilated-net).
 
 Every conv is followed by BN and ReLU (or SiLU, ``activation``). Dropout defaults to off: the
 assignment's augmentations already regularize a net of this size so hard that it tends to

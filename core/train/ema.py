@@ -21,7 +21,7 @@ class WeightEMA:
     about ``1 / (1 - decay)`` steps: late in a one-cycle run, at short windows. A long window, or
     one over the high-LR phase, averages weights whose activations the averaged statistics no
     longer describe, and the average can score near chance until the LR has fallen (see
-    docs/results.md); ``--recalibrate-bn`` re-estimates the statistics before each evaluation.
+    docs/lab/results.md); ``--recalibrate-bn`` re-estimates the statistics before each evaluation.
     """
 
     def __init__(self, model, decay):

@@ -122,7 +122,7 @@ def recalibrate_bn(model, loader, device, amp_dtype):
     them too, so they may misdescribe clean images or the averaged weights. One pass over
     un-augmented training images, with equal weight per batch, replaces them. Only the running
     statistics change: the parameters and the training trajectory do not. Measured here, it
-    repairs an average early in a run but lowers a finished run's accuracy (docs/results.md).
+    repairs an average early in a run but lowers a finished run's accuracy (docs/lab/results.md).
     """
     with autocast(device, amp_dtype):
         update_bn(loader, model)

@@ -60,7 +60,7 @@ def dilated_augment(x, generator=None, mean=None, std=None, flip=True, rotate_li
     CoarseDropout of one 16x16 hole in the mean colour, ToGray, each with probability ``*_p``.
 
     Rotations default to within 15 degrees rather than albumentations' 45, whose full strength
-    held the small net's train accuracy below its test accuracy (docs/results.md)."""
+    held the small net's train accuracy below its test accuracy (docs/lab/results.md)."""
     stats = dict(mean=mean, std=std)
     if flip:
         x = hflip(x, p=0.5, generator=generator)
@@ -171,10 +171,10 @@ RECIPES = {
                                         "0: no cutout)")),
         ),
         # tricks: five items of Page's bag of tricks that paid off together; best: those plus the
-        # remaining items of his code and airbench's, the highest mean measured here (docs/results.md).
+        # remaining items of his code and airbench's, the highest mean measured here (docs/lab/results.md).
         presets={"tricks": TRICKS,
                  "best": dict(**TRICKS, ema_decay=0.99, flip="alternating", logit_scale=0.0625, tta_shift=2)},
-        # Adam, AdamW: the validation search of issue 37 (docs/lr_finder.md#the-adam-assignments-recipe-issue-37)
+        # Adam, AdamW: the validation search of issue 37 (docs/lab/lr_finder_runs.md)
         weight_decay={"sgd": 5e-4, "adam": 0.0, "adamw": 0.05},
     ),
     "dilated": Recipe(
@@ -219,7 +219,7 @@ RECIPES = {
         ),
         report=receptive_field_report, report_name="receptive_field",
         # C3-C4 at 8x8, milder augmentation, C2 separable and wider, no decay on the BN, bias and
-        # depthwise weights: the validation searches' choices (docs/results.md#the-dilated-net);
+        # depthwise weights: the validation searches' choices (docs/lab/results.md#the-dilated-net);
         # checkpoints since each flag record theirs
         predated={"c4_size": 4, "ssr_p": 0.5, "dropout_p": 0.5, "gray_p": 0.2, "width": 32, "full_convs": 5,
                   "decay_exempt": "none"},
@@ -228,7 +228,7 @@ RECIPES = {
     "ultimus": Recipe(
         "ultimus", flip_crop_augment,
         "Train the Ultimus attention net (3 convs, GAP, 4 attention blocks) on CIFAR-10.",
-        # chosen on validation data (docs/results.md#ultimus-the-exact-architecture): a peak LR
+        # chosen on validation data (docs/lab/results.md#ultimus-the-exact-architecture): a peak LR
         # above the range test's conservative 0.003, and flips without crops for a net that underfits
         dict(epochs=24, batch_size=512, lr_max=0.01, lr_min=0.001, optimizer="adam", cycle_momentum=True,
              label_smoothing=0.0, tta=False),
@@ -244,7 +244,7 @@ RECIPES = {
                                     help="reflect padding of the random crop (0-8; 0: no crop, flips only)")),
         ),
         # residual: the --residual variant's own recipe, chosen on validation data
-        # (docs/results.md#ultimus-with---residual); the exact net's own search chose a peak of
+        # (docs/lab/results.md#ultimus-with---residual); the exact net's own search chose a peak of
         # 0.01 and collapsed at 0.03, so the defaults stay its recipe
         presets={"residual": dict(residual=True, init="kaiming", lr_max=0.02, lr_min=0.002)},
         predated={"crop_padding": 4},

@@ -62,33 +62,15 @@ def device_memory(device):
         return None
 
 
-def _activation_elements(model, batch_size):
-    """The elements every module's output holds for one training batch, traced on the meta
-    device; 0 for a model whose forward pass the meta device cannot trace."""
-    total = 0
-
-    def count(module, inputs, output):
-        nonlocal total
-        if isinstance(output, torch.Tensor) and not list(module.children()):
-            total += output.numel()
-
-    hooks = [m.register_forward_hook(count) for m in model.modules()]
-    try:
-        model.train()(torch.empty(batch_size, 3, 32, 32, device="meta"))
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return 0
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return total
+def _gib(n_bytes):
+    return f"{n_bytes / 2**30:,.1f} GiB"
 
 
-def check_model_fits(recipe, flags, num_classes, device, batch_size):
+def check_model_fits(recipe, flags, num_classes, device):
     """Refuse in one line, before anything is allocated, a model that its flags make too large to
-    build or to train on ``device``. It is built on the meta device (shapes, no memory), and what
-    training must hold at the least (fp32 weights, their gradients and momentum, and one batch's
-    activations) is held against the device's whole memory: a lower bound, so nothing that fits
-    is refused."""
+    build or to train on ``device``: it is built on the meta device (shapes, no memory), and its
+    fp32 weights, their gradients and momentum are held against the device's whole memory, a
+    lower bound of what training needs, so nothing that fits is refused."""
     sizes = ", ".join(f"--{dest.replace('_', '-')} {value}" for dest, value in recipe.model_kwargs(flags).items()
                       if isinstance(value, int) and not isinstance(value, bool))
     try:
@@ -98,12 +80,40 @@ def check_model_fits(recipe, flags, num_classes, device, batch_size):
         raise UserError(f"the {recipe.name} model cannot be built with {sizes} ({exc.__class__.__name__}): "
                         f"lower them") from None
     params = sum(p.numel() for p in model.parameters())
-    need = 4 * (3 * params + _activation_elements(model, batch_size))
     total = device_memory(device)
-    if total is not None and need > total:
-        raise UserError(f"the {recipe.name} model with {sizes} and --batch-size {batch_size} needs at least "
-                        f"{need / 2**30:,.1f} GiB ({params:,} parameters, their gradients and momentum, one batch's "
-                        f"activations), more than the {total / 2**30:,.1f} GiB of {device.type}: lower them")
+    if total is not None and 12 * params > total:
+        raise UserError(f"the {recipe.name} model with {sizes} needs at least {_gib(12 * params)} ({params:,} "
+                        f"parameters, their gradients and momentum), more than the {_gib(total)} of "
+                        f"{device.type}: lower them")
+
+
+@torch.no_grad()
+def check_batch_fits(model, device, batch_size):
+    """Refuse in one line a --batch-size whose activations alone, with the weights, their
+    gradients and momentum, exceed the device's whole memory: every module's output for one
+    image, measured on the model in eval mode (which changes nothing in it), times the batch."""
+    total = device_memory(device)
+    if total is None:
+        return
+    per_image = 0
+
+    def count(module, inputs, output):
+        nonlocal per_image
+        if isinstance(output, torch.Tensor) and not list(module.children()):
+            per_image += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    training = model.training
+    try:
+        model.eval()(torch.zeros(1, 3, 32, 32, device=device))
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    need = 4 * (3 * sum(p.numel() for p in model.parameters()) + per_image * batch_size)
+    if need > total:
+        raise UserError(f"--batch-size {batch_size} needs at least {_gib(need)} for the weights and one batch's "
+                        f"activations, more than the {_gib(total)} of {device.type}: lower --batch-size")
 
 
 def make_model(recipe, flags, classes, device):
@@ -144,8 +154,9 @@ class Setup:
             raise UserError(f"--batch-size {args.batch_size} exceeds the {len(self.train.labels)} training images: "
                             f"lower it or enlarge --train-subset")
         self.mean, self.std = channel_stats(self.train.images)
-        check_model_fits(recipe, vars(args), len(self.ds.classes), self.device, args.batch_size)
+        check_model_fits(recipe, vars(args), len(self.ds.classes), self.device)
         self.model = make_model(recipe, vars(args), self.ds.classes, self.device)
+        check_batch_fits(self.model, self.device, args.batch_size)
         first_flips = None
         if args.flip == "alternating":  # drawn from the seed alone, so a resumed run draws them again
             first_flips = torch.rand(len(self.train.labels), generator=torch.Generator().manual_seed(args.seed)) < 0.5
