@@ -167,6 +167,7 @@ def test_a_model_too_large_to_build_or_train_is_refused_before_any_allocation(da
     assert named in line and f"--width {width}" in line and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_batch_whose_activations_cannot_fit_is_refused_before_training(data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(setup, "device_memory", lambda device: 2**30)
     assert train_ultimus.main(tiny(data, tmp_path / "ok", "--batch-size", "50")) == 0
