@@ -26,46 +26,45 @@ from core.flags import non_negative_int, positive_int  # noqa: E402
 from core.train.engine import synchronize, train_step  # noqa: E402
 from core.train.recipes import RECIPES  # noqa: E402
 from core.train.schedule import one_cycle_for_recipe  # noqa: E402
-from core.train.setup import Setup  # noqa: E402
+from core.train.setup import BuiltRun  # noqa: E402
 
 # CUDA runtime calls that block the host until the device catches up (a device-to-host copy
 # for .item() shows as cudaMemcpyAsync followed by cudaStreamSynchronize).
 SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 
 
-def profile_steps(setup, steps, warmup=3, top=0):
+def profile_steps(run, steps, warmup=3, top=0):
     """Kernels, host syncs, CPU-side ops and wall time per step over ``steps`` profiled steps of
-    ``setup``, and with ``top`` the ``top`` ops of most self time (``top_ops``)."""
-    s = setup
+    ``run`` (a ``BuiltRun``), and with ``top`` the ``top`` ops of most self time (``top_ops``)."""
     # a cycle as long as the profiled steps (one "epoch" a step): the schedule's cost is the step's
-    schedule = one_cycle_for_recipe(s.optimizer, 0.1, 0.001, warmup + steps + 1, 1, 1)
-    scaler = make_scaler(s.device, s.amp_dtype)
-    batches = (batch for _ in itertools.count() for batch in s.train_loader)  # as many epochs as it takes
+    schedule = one_cycle_for_recipe(run.optimizer, 0.1, 0.001, warmup + steps + 1, 1, 1)
+    scaler = make_scaler(run.device, run.amp_dtype)
+    batches = (batch for _ in itertools.count() for batch in run.train_loader)  # as many epochs as it takes
 
     def step():
         x, y = next(batches)
-        train_step(s.model, s.optimizer, s.loss_fn, x, y, s.device, s.amp_dtype, scaler)
+        train_step(run.model, run.optimizer, run.loss_fn, x, y, run.device, run.amp_dtype, scaler)
         schedule.step()
 
     for _ in range(warmup):
         step()
-    synchronize(s.device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    synchronize(run.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             step()
-        synchronize(s.device)
+        synchronize(run.device)
         wall_ms = (time.perf_counter() - start) * 1e3 / steps
     events = prof.events()
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     syncs = sum(1 for e in events if e.name in SYNC_CALLS)
     ops = sum(1 for e in events if e.name.startswith("aten::"))
     # the one synchronize after the last step is the profiler's own, not the step's
-    syncs = max(syncs - (1 if s.device.type == "cuda" else 0), 0)
+    syncs = max(syncs - (1 if run.device.type == "cuda" else 0), 0)
     result = {"steps": steps, "kernels_per_step": kernels / steps, "host_syncs_per_step": syncs / steps,
               "aten_ops_per_step": ops / steps, "wall_ms_per_step": wall_ms}
-    return {**result, "top_ops": top_ops(prof, s.device, steps, wall_ms, top)} if top else result
+    return {**result, "top_ops": top_ops(prof, run.device, steps, wall_ms, top)} if top else result
 
 
 def top_ops(prof, device, steps, wall_ms, n):
@@ -81,7 +80,7 @@ def top_ops(prof, device, steps, wall_ms, n):
 
 
 def build_parser():
-    """This script's own flags; the rest of the command line is the train script's."""
+    """This script's own flags; the rest of the command line is the train script'run."""
     p = ArgumentParser(prog="profile_step.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(RECIPES), default="resnet")
     p.add_argument("--steps", type=positive_int, default=10, help="profiled steps, after 3 unprofiled ones")
@@ -95,7 +94,7 @@ def main(argv=None):
     own, train_argv = build_parser().parse_known_args(argv)
     recipe = RECIPES[own.model]
     args = build_train_parser(recipe).parse_args(train_argv)  # the rest: the train script's flags
-    result = {"model": own.model, **profile_steps(Setup(recipe, args), own.steps, top=own.top)}
+    result = {"model": own.model, **profile_steps(BuiltRun(recipe, args), own.steps, top=own.top)}
     if own.json:
         print(json.dumps(result))
         return 0

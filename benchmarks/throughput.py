@@ -29,7 +29,7 @@ from core.device import (  # noqa: E402
 )
 from core.errors import UserError  # noqa: E402
 from core.flags import positive_int  # noqa: E402
-from core.models import build_model  # noqa: E402
+from core.models import MODELS  # noqa: E402
 from core.train.engine import synchronize, train_step  # noqa: E402
 from core.train.recipes import RECIPES  # noqa: E402
 from core.train.setup import load_data  # noqa: E402
@@ -80,7 +80,7 @@ def seed_pipeline(args, name, device, mean, std):
     dataset = datasets.ImageFolder(str(Path(args.data) / "train"), tf)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    model = build_model(name).to(device)
+    model = MODELS[name]().to(device)
     return timed_steps(model, cycle(loader), device, None, args.warmup, args.steps)
 
 
@@ -90,7 +90,7 @@ def our_pipeline(args, name, device, train, mean, std, amp="auto", channels_last
     loader = DeviceLoader(train, device, args.batch_size, mean, std, train=True, augment=RECIPES[name].augment,
                           order_generator=torch.Generator().manual_seed(0),
                           aug_generator=torch.Generator(device).manual_seed(1), channels_last=channels_last)
-    model = build_model(name).to(device)
+    model = MODELS[name]().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile_model:

@@ -35,10 +35,10 @@ def test_benchmark_prints_a_ratio_row_per_model(throughput, tmp_path, capsys):
 def test_step_variants_train_the_model(throughput, options):
     import torch
 
-    from core.models import build_model
+    from core.models import MODELS
 
     torch.manual_seed(0)
-    model = build_model("ultimus")
+    model = MODELS["ultimus"]()
     before = [p.detach().clone() for p in model.parameters()]
     batches = iter([(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))] * 3)
     rate = throughput.timed_steps(model, batches, torch.device("cpu"), None, warmup=1, steps=2, **options)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.models import MODELS, build_model
+from core.models import MODELS
 from core.models.dilated import DilatedNet, Residual, SqueezeExcite
 from core.report.receptive_field import receptive_field_table
 
@@ -21,10 +21,9 @@ def n_params(model):
 
 
 @pytest.mark.parametrize("downsample", VARIANTS)
-@pytest.mark.parametrize("fc", [True, False])
 @pytest.mark.parametrize("c4_size", C4_SIZES)
-def test_budget_and_output(downsample, fc, c4_size):
-    model = DilatedNet(downsample=downsample, fc=fc, c4_size=c4_size)
+def test_budget_and_output(downsample, c4_size):
+    model = DilatedNet(downsample=downsample, c4_size=c4_size)
     assert 150_000 < n_params(model) < 200_000
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
@@ -77,7 +76,7 @@ def test_dilation_keeps_the_strided_receptive_fields(c4_size):
 
 def test_registered_and_trains():
     assert MODELS["dilated"] is DilatedNet
-    model = build_model("dilated", downsample="dilated", dropout=0.05)
+    model = MODELS["dilated"](downsample="dilated")
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     nn.functional.cross_entropy(model(x), y).backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -12,7 +12,7 @@ from core.data.augment import crop_at, random_crop, tta_views
 from core.data.dataset import Split
 from core.data.loader import DeviceLoader
 from core.device import make_scaler, pick_amp
-from core.models import build_model
+from core.models import MODELS
 from core.runs.checkpoint import load_checkpoint
 from core.train.ema import WeightEMA
 from core.train.engine import evaluate, train_step
@@ -53,7 +53,7 @@ def test_a_training_step_on_the_device_in_its_auto_precision_lowers_the_loss(dev
     device = torch.device(device)
     amp = pick_amp("auto", device)
     torch.manual_seed(0)
-    model = build_model("resnet").to(device).to(memory_format=torch.channels_last)
+    model = MODELS["resnet"]().to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer("sgd", model, 0.05, 5e-4, fused=device.type == "cuda")
     loader = DeviceLoader(split(), device, 32, [0.5] * 3, [0.25] * 3, train=True, channels_last=True,
                           order_generator=torch.Generator().manual_seed(0))
@@ -83,7 +83,7 @@ def test_augmentation_on_the_device_equals_the_cpus_for_the_same_offsets(device)
 @pytest.mark.parametrize("device", DEVICES)
 def test_evaluation_on_the_device_matches_the_cpu_with_and_without_tta(device):
     torch.manual_seed(0)
-    model = build_model("ultimus").eval()
+    model = MODELS["ultimus"]().eval()
     data = split(70)
     for tta, shift in ((False, 0), (True, 2)):
         results = []
@@ -121,8 +121,8 @@ def test_a_deterministic_resume_on_the_device_repeats_the_uninterrupted_run(data
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_weight_average_on_the_device_follows_the_cpus(device):
     torch.manual_seed(0)
-    model = build_model("ultimus")
-    twin = build_model("ultimus")
+    model = MODELS["ultimus"]()
+    twin = MODELS["ultimus"]()
     twin.load_state_dict(model.state_dict())
     twin.to(device)
     averages = WeightEMA(model, 0.9), WeightEMA(twin, 0.9)

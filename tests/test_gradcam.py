@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.models import build_model
+from core.models import MODELS
 from core.report.gradcam import default_cam_layer, grad_cam
 
 
@@ -105,7 +105,7 @@ def test_a_constant_map_is_all_zeros():
 
 @pytest.mark.parametrize("name, size", [("resnet", 4), ("dilated", 8), ("ultimus", 26)])
 def test_each_models_default_layer_is_a_spatial_map(name, size):
-    model = build_model(name)
+    model = MODELS[name]()
     seen = {}
     layer = default_cam_layer(model)
     handle = layer.register_forward_hook(lambda m, i, o: seen.__setitem__("shape", o.shape))

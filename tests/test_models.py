@@ -3,14 +3,14 @@
 import torch
 from torch import nn
 
-from core.models import build_model
+from core.models import MODELS
 from core.models.norm import GhostBatchNorm2d
 from core.models.resnet import CustomResNet, ResBlock
 from core.report.summary import summary_table
 
 
 def test_resnet_has_the_seed_parameter_count_and_bias_free_convs():
-    model = build_model("resnet")
+    model = MODELS["resnet"]()
     assert sum(p.numel() for p in model.parameters()) == 6_573_130
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 8 and all(c.bias is None for c in convs)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.models import build_model
+from core.models import MODELS
 from core.models.norm import GhostBatchNorm2d
 
 
@@ -77,7 +77,7 @@ def test_gradients_match_per_slice_batchnorm():
 
 
 def test_ghost_resnet_keeps_parameters_and_state_dict_of_the_plain_one():
-    plain, ghost = build_model("resnet"), build_model("resnet", ghost_batch=32)
+    plain, ghost = MODELS["resnet"](), MODELS["resnet"](ghost_batch=32)
     norms = [m for m in ghost.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(norms) == 8 and all(isinstance(m, GhostBatchNorm2d) and m.ghost_batch == 32 for m in norms)
     assert not any(isinstance(m, GhostBatchNorm2d) for m in plain.modules())

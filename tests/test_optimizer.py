@@ -9,7 +9,7 @@ from core.models.dilated import DilatedNet
 from core.models.resnet import CustomResNet
 from core.train.optim import make_optimizer, param_groups
 from core.train.recipes import RECIPES
-from core.train.setup import Setup
+from core.train.setup import BuiltRun
 from tests.conftest import write_batches
 
 
@@ -89,7 +89,7 @@ def test_an_exempt_parameter_is_not_shrunk_by_a_step_that_shrinks_the_others(tmp
     data = write_batches(tmp_path / "cifar-10-batches-py", n_train=60, n_test=20)
     argv = ["--data", str(data), "--device", "cpu", "--cache-dir", "none", "--batch-size", "20",
             "--decay-exempt", "bias-norm-depthwise"]
-    setup = Setup(RECIPES["dilated"], build_train_parser(RECIPES["dilated"]).parse_args(argv))
+    setup = BuiltRun(RECIPES["dilated"], build_train_parser(RECIPES["dilated"]).parse_args(argv))
     kinds = by_module_kind(setup.model)
     before = [p.detach().clone() for p in setup.model.parameters()]
     for group in setup.optimizer.param_groups:

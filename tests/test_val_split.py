@@ -15,7 +15,7 @@ from core.data.dataset import Split
 from core.data.subsets import hold_out
 from core.runs.checkpoint import load_checkpoint
 from core.train.recipes import RECIPES
-from core.train.setup import Setup
+from core.train.setup import BuiltRun
 from tests.conftest import (
     ctrl_c_in_second_epoch,
     epoch_figures,
@@ -53,7 +53,7 @@ def test_hold_out_splits_the_images_into_two_disjoint_class_balanced_parts():
 
 def setup_for(data, *extra):
     args = build_train_parser(RECIPES["ultimus"]).parse_args(tiny(data, "unused", *extra))
-    return Setup(RECIPES["ultimus"], args)
+    return BuiltRun(RECIPES["ultimus"], args)
 
 
 def test_the_held_out_images_are_the_same_for_every_seed_and_never_in_a_training_batch(data):

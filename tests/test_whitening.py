@@ -8,7 +8,7 @@ from torch import nn
 
 from core.data.dataset import Split
 from core.data.loader import DeviceLoader
-from core.models import build_model
+from core.models import MODELS
 from core.models.whitening import WhitenedConv2d, fit_whitening
 
 
@@ -82,7 +82,7 @@ def test_unfitted_layer_is_a_plain_conv_with_conv2d_initialization():
 
 
 def test_whitened_resnet_keeps_the_parameter_count_and_saves_the_basis():
-    plain, whitened = build_model("resnet"), build_model("resnet", whiten=True)
+    plain, whitened = MODELS["resnet"](), MODELS["resnet"](whiten=True)
     count = sum(p.numel() for p in whitened.parameters())
     assert count == sum(p.numel() for p in plain.parameters()) == 6_573_130
     assert isinstance(whitened.prep[0], WhitenedConv2d) and type(plain.prep[0]) is nn.Conv2d
@@ -95,12 +95,12 @@ def test_fit_whitening_uses_evenly_spaced_images_and_leaves_plain_models_alone()
     images = (correlated_images(30).clamp(-3, 3) * 40 + 128).to(torch.uint8)
     split = Split(images.numpy(), np.repeat(np.arange(3), 10))
     loader = DeviceLoader(split, torch.device("cpu"), 10, [0.5] * 3, [0.25] * 3, train=False)
-    model = build_model("resnet", whiten=True)
+    model = MODELS["resnet"](whiten=True)
     fit_whitening(model, loader, max_images=10)
     want = WhitenedConv2d(3, 64)
     want.fit(loader.normalize(loader.images[::3]))
     torch.testing.assert_close(model.prep[0].basis, want.basis)
-    plain = build_model("resnet")
+    plain = MODELS["resnet"]()
     before = {k: v.clone() for k, v in plain.state_dict().items()}
     fit_whitening(plain, loader)
     assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())

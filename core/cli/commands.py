@@ -35,7 +35,7 @@ from ..train.loop import run_training
 from ..train.lr_bounds import find_bounds
 from ..train.recipes import RECIPES
 from ..train.schedule import Cyclic, one_cycle_for_recipe, trace
-from ..train.setup import Setup
+from ..train.setup import BuiltRun
 from .parsers import (
     build_predict_parser,
     build_range_test_parser,
@@ -80,13 +80,13 @@ def run_range_test(args):
 def sweep(recipe, args, train_args, script_defaults, out):
     """The range test itself, and what it prints: the curve's readings and the command to train with
     (``script_defaults``: the train script's own flag values, which that command need not spell out)."""
-    s = Setup(recipe, train_args)
-    print(s.summary)
-    val_loader = s.val_loader  # --val-split's images, where the run holds them
+    run = BuiltRun(recipe, train_args)
+    print(run.summary)
+    val_loader = run.val_loader  # --val-split's images, where the run holds them
     if val_loader is None and args.val:
-        val_loader = s.test_loader
+        val_loader = run.test_loader
     with claimed_folder(out):
-        record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
+        record = find_bounds(run.model, run.optimizer, run.loss_fn, run.train_loader, run.device, run.amp_dtype, out,
                              start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
                              model_name=recipe.name, optimizer_name=train_args.optimizer, method=args.method,
                              val_loader=val_loader, settings=plain_flags(args), progress=not args.no_progress,
@@ -101,7 +101,7 @@ def sweep(recipe, args, train_args, script_defaults, out):
     # Every flag that changed the reading, so the run trains as the sweep did, with the bounds
     # given as numbers or as the saved JSON.
     run_flags = ["--optimizer", train_args.optimizer, "--batch-size", str(train_args.batch_size),
-                 "--weight-decay", f"{s.weight_decay:g}"]
+                 "--weight-decay", f"{run.weight_decay:g}"]
     if train_args.bias_lr_scale != script_defaults["bias_lr_scale"]:
         run_flags += ["--bias-lr-scale", f"{train_args.bias_lr_scale:g}"]
     if train_args.decay_exempt != script_defaults["decay_exempt"]:
@@ -171,12 +171,12 @@ def run_predict(args):
         check_folder(args.gradcam, "--gradcam")
         targets = gradcam_paths(args.gradcam, files, args.overwrite)
     device = pick_device(args.device)
-    model, info = load_trained(args.checkpoint, device, flag="--checkpoint")
+    model, trained = load_trained(args.checkpoint, device, flag="--checkpoint")
     images = np.stack([read_image(path) for path in files])
-    x = prepare(images, info, device)
+    x = prepare(images, trained, device)
     probs = torch.cat([predict(model, x[i:i + args.batch_size], tta=args.tta)
                        for i in range(0, len(x), args.batch_size)])
-    results = [{"path": str(path), "topk": top} for path, top in zip(files, top_k(probs, info["classes"], args.topk))]
+    results = [{"path": str(path), "topk": top} for path, top in zip(files, top_k(probs, trained["classes"], args.topk))]
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -188,7 +188,7 @@ def run_predict(args):
         layer, step = default_cam_layer(model), args.batch_size
         cams = torch.cat([grad_cam(model, x[i:i + step], layer, top[i:i + step]) for i in range(0, len(x), step)])
         for i, (path, target) in enumerate(zip(files, targets)):
-            plots.plot_image_cam(images[i], cams[i].cpu().numpy(), f"{path.name}: {info['classes'][top[i]]} "
+            plots.plot_image_cam(images[i], cams[i].cpu().numpy(), f"{path.name}: {trained['classes'][top[i]]} "
                                  f"({probs[i, top[i]]:.2f})", target)
         print(f"Wrote {len(files)} Grad-CAM images to {args.gradcam}")
     return 0

@@ -1,6 +1,6 @@
 """The scripts' command lines: their parsers, and the wrapper that turns a UserError into a
 one-line message and a non-zero exit instead of a traceback. What each script does with its
-parsed flags is ``core.commands``; docs/flags.md is generated from these parsers by
+parsed flags is ``core.cli.commands``; docs/flags.md is generated from these parsers by
 ``core.cli.flags_doc``."""
 
 import argparse

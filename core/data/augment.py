@@ -125,9 +125,9 @@ def cutout(x, size=8, p=1.0, fill=0, generator=None):
 BORDERS = ("reflect", "constant", "edge")
 
 
-def _channels(values, x):
-    """Per-channel statistics as a (1, C, 1, 1) float tensor on ``x``'s device."""
-    return torch.as_tensor(values, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+def channel_tensor(values, device):
+    """Per-channel statistics as a (1, C, 1, 1) float32 tensor on ``device``."""
+    return torch.as_tensor(values, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
 
 
 def _normalized(mean, std):
@@ -135,11 +135,11 @@ def _normalized(mean, std):
 
 
 def _to_pixel(x, mean, std):
-    return x * _channels(std, x) + _channels(mean, x) if _normalized(mean, std) else x
+    return x * channel_tensor(std, x.device) + channel_tensor(mean, x.device) if _normalized(mean, std) else x
 
 
 def _from_pixel(x, mean, std):
-    return (x - _channels(mean, x)) / _channels(std, x) if _normalized(mean, std) else x
+    return (x - channel_tensor(mean, x.device)) / channel_tensor(std, x.device) if _normalized(mean, std) else x
 
 
 def _like(values, x):
@@ -164,7 +164,7 @@ def _mean_fill(x, mean, std):
     if _normalized(mean, std):
         return torch.zeros(1, x.shape[1], 1, 1, device=x.device)
     if mean is not None:
-        return _channels(mean, x) * (255 if x.dtype == torch.uint8 else 1)
+        return channel_tensor(mean, x.device) * (255 if x.dtype == torch.uint8 else 1)
     return x.float().mean((0, 2, 3)).reshape(1, -1, 1, 1)
 
 

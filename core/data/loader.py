@@ -4,7 +4,7 @@ channel statistics, normalization, and ``DeviceLoader``."""
 import numpy as np
 import torch
 
-from .augment import alternating_flip
+from .augment import alternating_flip, channel_tensor
 
 
 def channel_stats(images):
@@ -14,11 +14,6 @@ def channel_stats(images):
     sq = (x.astype(np.float32) / 255) ** 2
     std = np.sqrt(sq.mean(axis=(0, 2), dtype=np.float64) - mean ** 2)
     return mean.tolist(), std.tolist()
-
-
-def channel_tensor(values, device):
-    """Per-channel statistics as a (1, 3, 1, 1) float tensor on ``device``."""
-    return torch.tensor(values, device=device).view(1, 3, 1, 1)
 
 
 def normalize(images, mean, std):

@@ -19,7 +19,8 @@ import numpy as np
 from ..errors import UserError
 from ..progress import Ticker
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# What PIL decodes: the image files an image folder, an archive or predict.py may hold.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]

@@ -6,6 +6,3 @@ from .ultimus import UltimusNet
 
 MODELS = {"resnet": CustomResNet, "dilated": DilatedNet, "ultimus": UltimusNet}
 
-
-def build_model(name, **kwargs):
-    return MODELS[name](**kwargs)

@@ -25,25 +25,24 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
 
-def bn_act(c, dropout, activation):
-    layers = [nn.BatchNorm2d(c), ACTIVATIONS[activation](inplace=True)]
-    return layers + [nn.Dropout(dropout)] if dropout else layers
+def bn_act(c, activation):
+    return [nn.BatchNorm2d(c), ACTIVATIONS[activation](inplace=True)]
 
 
-def conv(c_in, c_out, stride=1, dilation=1, dropout=0.0, activation="relu"):
+def conv(c_in, c_out, stride=1, dilation=1, activation="relu"):
     """3x3 conv, BN, activation; the padding keeps the size at stride 1."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, stride, padding=dilation, dilation=dilation, bias=False),
-        *bn_act(c_out, dropout, activation))
+        *bn_act(c_out, activation))
 
 
-def separable(c_in, c_out, stride=1, dilation=1, dropout=0.0, activation="relu"):
+def separable(c_in, c_out, stride=1, dilation=1, activation="relu"):
     """Depthwise 3x3 conv (one filter per channel), pointwise 1x1 conv, BN, activation."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_in, 3, stride, padding=dilation, dilation=dilation, groups=c_in,
                   bias=False),
         nn.Conv2d(c_in, c_out, 1, bias=False),
-        *bn_act(c_out, dropout, activation))
+        *bn_act(c_out, activation))
 
 
 class Residual(nn.Module):
@@ -110,11 +109,11 @@ class DilatedNet(nn.Module):
     0 for none, else squeeze-and-excitation after each block with that bottleneck ratio (16 keeps
     the net of width 32 and ``full_convs`` 5 under 200k parameters, not the default one).
     ``full_convs``: how many of the twelve convs, counted from the input, are full 3x3 convs
-    rather than depthwise-separable (at most 11).
-    ``fc``: GAP then a linear layer, else a 1x1 conv to the classes then GAP. No softmax."""
+    rather than depthwise-separable (at most 11). The output: GAP, then a linear layer (no
+    softmax)."""
 
-    def __init__(self, num_classes=10, width=38, downsample="strided", c4_size=8, fc=True,
-                 dropout=0.0, skips=1, activation="relu", se_reduction=0, full_convs=3):
+    def __init__(self, num_classes=10, width=38, downsample="strided", c4_size=8, skips=1, activation="relu",
+                 se_reduction=0, full_convs=3):
         super().__init__()
         if downsample not in ("strided", "dilated"):
             raise ValueError(f"downsample must be 'strided' or 'dilated', not {downsample!r}")
@@ -129,7 +128,7 @@ class DilatedNet(nn.Module):
         if full_convs not in FULL_CONV_COUNTS:
             raise ValueError(f"full_convs must be 0-{FULL_CONV_COUNTS[-1]} (the assignment asks for a "
                              f"depthwise-separable conv), not {full_convs!r}")
-        unit_kwargs = dict(dropout=dropout, activation=activation)
+        unit_kwargs = dict(activation=activation)
         widths = (width, 2 * width, 4 * width, 9 * width // 2)
         strided = downsample == "strided"
         halvings = HALVINGS[c4_size]
@@ -142,12 +141,7 @@ class DilatedNet(nn.Module):
                                 se_reduction))
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
-        if fc:
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                      nn.Linear(c_in, num_classes))
-        else:
-            self.head = nn.Sequential(nn.Conv2d(c_in, num_classes, 1), nn.AdaptiveAvgPool2d(1),
-                                      nn.Flatten())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
 
     def forward(self, x):
         return self.head(self.blocks(x))

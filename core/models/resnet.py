@@ -17,10 +17,9 @@ from .whitening import WhitenedConv2d
 def batch_norm(channels, ghost_batch=0, frozen_scale=False):
     """BatchNorm2d (or its ghost variant); ``frozen_scale`` fixes the scales at 1, untrained.
 
-    Page's bag of tricks fixes them. Learned, they mostly shrink together under weight decay (to
-    per-layer means of 0.10-0.20, and 0.375 at the end of layer3's residual branch, in our
-    24-epoch runs), and before a ReLU a positive per-channel scale is nearly redundant: the next
-    conv can absorb it, except where a residual sum mixes two branches.
+    Page's bag of tricks fixes them. Learned, they mostly shrink together under weight decay, and
+    before a ReLU a positive per-channel scale is nearly redundant: the next conv can absorb it,
+    except where a residual sum mixes two branches.
     """
     norm = GhostBatchNorm2d(channels, ghost_batch) if ghost_batch else nn.BatchNorm2d(channels)
     norm.weight.requires_grad_(not frozen_scale)

@@ -5,8 +5,8 @@ misclassified images, and Grad-CAM on some of them."""
 import numpy as np
 import torch
 
-from ..data.augment import tta_views
-from ..data.loader import channel_tensor, normalize
+from ..data.augment import channel_tensor, tta_views
+from ..data.loader import normalize
 from . import plots
 from .gradcam import default_cam_layer, grad_cam
 
@@ -27,7 +27,7 @@ def per_class_accuracy(confusion, classes):
     return {name: (100 * float(confusion[i, i]) / rows[i] if rows[i] else None) for i, name in enumerate(classes)}
 
 
-def spread(indices, n):
+def evenly_spaced(indices, n):
     """At most ``n`` of ``indices`` (in label order), evenly spaced, so every class shows up."""
     return indices[np.linspace(0, len(indices) - 1, min(len(indices), n)).astype(int)]
 
@@ -47,9 +47,9 @@ def write_error_report(out, model, test, preds, classes, mean, std, tta=False, t
     per_class = per_class_accuracy(confusion, classes)
     print(format_per_class(per_class, split))
     plots.plot_confusion(confusion, classes, out / "confusion.png")
-    wrong = spread(np.flatnonzero(preds != labels), MISCLASSIFIED_SHOWN)
+    wrong = evenly_spaced(np.flatnonzero(preds != labels), MISCLASSIFIED_SHOWN)
     plots.plot_misclassified(test.images[wrong], labels[wrong], preds[wrong], classes, out / "misclassified.png")
-    picks = spread(wrong, GRADCAM_SHOWN)
+    picks = evenly_spaced(wrong, GRADCAM_SHOWN)
     if len(picks):
         device = next(model.parameters()).device
         x = normalize(torch.from_numpy(test.images[picks]).to(device), channel_tensor(mean, device),

@@ -11,11 +11,13 @@ import torch
 from ..errors import UserError
 from .outputs import atomic_write_bytes
 
-FORMAT = "cifar-toolkit-checkpoint-v1"
+FORMAT = "cifar-toolkit-checkpoint-v2"
+# Written by the project up to commit ea80de1, which still reads them; this version does not.
+EARLIER_FORMATS = ("cifar-toolkit-checkpoint-v1",)
 # What each use reads; a checkpoint lacking any is refused in one line rather than failing halfway.
 NEEDED = {"evaluate": ("model_name", "args", "model", "mean", "std", "classes"),
           "resume": ("model_name", "args", "model", "mean", "std", "classes", "optimizer", "schedule", "scaler",
-                     "rng", "epoch")}
+                     "rng", "epoch", "lr_bounds")}
 
 
 def save_checkpoint(path, state, also=()):
@@ -41,6 +43,10 @@ def load_checkpoint(path, model_name=None, purpose=None, flag="--resume"):
     except Exception as exc:  # noqa: BLE001 - whatever the unpickler meets in a file that is not a checkpoint
         raise UserError(f"{path} is not a readable checkpoint ({exc.__class__.__name__}); "
                         f"pass the last.pt or best.pt a training run wrote") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") in EARLIER_FORMATS:
+        raise UserError(f"{path} was written by an earlier version of this toolkit ({ckpt['format']}), which this "
+                        f"version no longer reads: the project at commit ea80de1 still evaluates and resumes it "
+                        f"(git checkout ea80de1), or train it again")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this toolkit (no '{FORMAT}' marker); "
                         f"pass the last.pt or best.pt a training run wrote")

@@ -60,29 +60,24 @@ def set_rng_state(state, order_gen, aug_gen, path):
     """Put back every generator a run draws from. The augmentation generator lives on the training
     device, and each kind of device has its own generator, so its state cannot move to another
     kind: such a resume could not be exact, and is refused (evaluation is not)."""
-    saved, here = state.get("aug_device"), aug_gen.device.type  # older checkpoints do not say
-    fix = f"resume with --device {saved}" if saved else "resume it on the kind it trained on"
-    refusal = (f"{path} was trained on {saved or 'another kind of device'} and this run is on {here}: an exact "
-               f"resume needs the same kind of device, so {fix} (--eval-only runs anywhere)")
-    if saved not in (None, here):
-        raise UserError(refusal)
-    try:
-        aug_gen.set_state(state["aug"])
-    except RuntimeError:  # a state of another kind of generator
-        raise UserError(refusal) from None
+    saved, here = state["aug_device"], aug_gen.device.type
+    if saved != here:
+        raise UserError(f"{path} was trained on {saved} and this run is on {here}: an exact resume needs the same "
+                        f"kind of device, so resume with --device {saved} (--eval-only runs anywhere)")
+    aug_gen.set_state(state["aug"])
     torch.set_rng_state(state["torch"])
-    order_gen.set_state(state["order"])  # an older checkpoint's "cuda" states are left unread (see rng_state)
+    order_gen.set_state(state["order"])
 
 
-def restore(ckpt, setup, schedule, scaler, progress, path):
+def restore(ckpt, run, schedule, scaler, progress, path):
     """Load the checkpoint's training state into a freshly built run, and its counters into the
     ``progress`` dict (epoch, history, timings): the continued run starts where ``ckpt`` stopped."""
-    setup.model.load_state_dict(ckpt["model"])
-    setup.optimizer.load_state_dict(ckpt["optimizer"])
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
     if ckpt["scaler"]:  # empty when the run trained without fp16: a new loss scale then starts here
         scaler.load_state_dict(ckpt["scaler"])
-    if setup.ema:
-        setup.ema.load_state_dict(ckpt["ema"])
-    set_rng_state(ckpt["rng"], setup.order_gen, setup.aug_gen, path)
+    if run.ema:
+        run.ema.load_state_dict(ckpt["ema"])
+    set_rng_state(ckpt["rng"], run.order_gen, run.aug_gen, path)
     progress.update({k: ckpt[k] for k in progress if k in ckpt})

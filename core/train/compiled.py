@@ -16,6 +16,5 @@ COMPILE_MODES = {
 
 
 def compile_model(model, mode):
-    """``model`` compiled in --compile's ``mode``; checkpoints from before the modes stored True."""
-    mode = "default" if mode is True else mode
+    """``model`` compiled in --compile's ``mode`` (a key of COMPILE_MODES)."""
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)

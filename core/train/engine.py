@@ -1,4 +1,5 @@
-"""The training engine shared by every script: one step, one epoch, evaluation, and the fit loop."""
+"""The step and the evaluation every script shares: one optimizer step, one epoch of them,
+evaluation with TTA; the epoch loop around them is ``core.train.loop``."""
 
 import math
 import time
@@ -121,8 +122,8 @@ def recalibrate_bn(model, loader, device, amp_dtype):
     every image) over its last few dozen steps, and a moving average of the weights averages
     them too, so they may misdescribe clean images or the averaged weights. One pass over
     un-augmented training images, with equal weight per batch, replaces them. Only the running
-    statistics change: the parameters and the training trajectory do not. Measured here, it
-    repairs an average early in a run but lowers a finished run's accuracy (docs/lab/results.md).
+    statistics change: the parameters and the training trajectory do not. Whether it pays off
+    is a measured question, not a given (docs/lab/results.md has the runs).
     """
     with autocast(device, amp_dtype):
         update_bn(loader, model)

@@ -41,20 +41,20 @@ def evaluate_checkpoint(recipe, args):
     out = eval_folder(args)
     check_new_or_empty(out, args.overwrite, "--eval-only")
     device, amp_dtype = pick_runtime(args)
-    model, info = load_trained(args.resume, device, recipe.name, live=args.live_weights)
-    data = args.data or info["flags"].get("data")
+    model, trained = load_trained(args.resume, device, recipe.name, live=args.live_weights)
+    data = args.data or trained["flags"].get("data")
     ds = load_data(args, need_train=False, data=data)
-    classes, mean, std = info["classes"], info["mean"], info["std"]
+    classes, mean, std = trained["classes"], trained["mean"], trained["std"]
     if list(ds.classes) != classes:
         raise UserError(f"the checkpoint's {len(classes)} classes ({', '.join(classes)}) are not those of "
                         f"{data or './data'} ({', '.join(ds.classes)}): evaluate it on data with its classes")
     train = val = None
     if args.recalibrate_bn or args.eval_split == "val":
-        train, val = run_splits(args, ds, info["flags"], len(classes), data)
+        train, val = run_splits(args, ds, trained["flags"], len(classes), data)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.recalibrate_bn:
-        bn_loader = bn_images(args, train, len(classes), device, mean, std, info["flags"]["batch_size"])
+        bn_loader = bn_images(args, train, len(classes), device, mean, std, trained["flags"]["batch_size"])
         recalibrate_bn(model, bn_loader, device, amp_dtype)
     scored = val if args.eval_split == "val" else balanced_split(ds.test, args.test_subset, len(classes))
     loader = plain_batches(args, scored, device, mean, std)
@@ -69,7 +69,7 @@ def evaluate_checkpoint(recipe, args):
         write_json(out / "eval.json", {"checkpoint": str(args.resume), "data": data, "split": split,
                                        f"{split}_acc": result["acc"], f"{split}_loss": result["loss"],
                                        "correct": result["correct"], "total": result["total"],
-                                       "tta": args.tta, "tta_shift": args.tta_shift, "weights": info["weights"],
+                                       "tta": args.tta, "tta_shift": args.tta_shift, "weights": trained["weights"],
                                        "recalibrate_bn": args.recalibrate_bn, **report})
     print(f"Wrote eval.json and its figures to {out}")
     return 0

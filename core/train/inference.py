@@ -6,22 +6,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.augment import tta_views
-from ..data.loader import channel_tensor, normalize
-from ..data.sources import rgb_image
+from ..data.augment import channel_tensor, tta_views
+from ..data.loader import normalize
+from ..data.sources import IMAGE_SUFFIXES, rgb_image
 from ..errors import UserError
 from ..runs.checkpoint import load_checkpoint
 from .recipes import RECIPES
 from .setup import make_model
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SIZE = 32
 
 
 def load_trained(path, device="cpu", model_name=None, live=False, flag="--resume"):
-    """(model, info) from a checkpoint: the model rebuilt from its flags (whitening basis, logit
+    """(model, trained) from a checkpoint: the model rebuilt from its flags (whitening basis, logit
     scale and every model flag as trained) with the weights the run evaluated (the average, where
-    it kept one, unless ``live``), in eval mode on ``device``; ``info`` holds ``classes`` (in label
+    it kept one, unless ``live``), in eval mode on ``device``; ``trained`` holds ``classes`` (in label
     order), ``mean`` and ``std`` (the normalization it trained with), ``recipe`` (its name),
     ``flags`` and ``weights`` ('ema' or 'model'). ``model_name`` refuses a checkpoint of another model;
     ``flag`` names the flag that gave ``path``."""
@@ -31,7 +30,7 @@ def load_trained(path, device="cpu", model_name=None, live=False, flag="--resume
         raise UserError(f"{path} holds a '{ckpt['model_name']}' model, which this version does not know")
     device = torch.device(device)
     classes = [str(c) for c in ckpt["classes"]]
-    flags = recipe.trained_flags(ckpt["args"])
+    flags = ckpt["args"]
     model = make_model(recipe, flags, classes, device)
     weights = "ema" if ckpt.get("ema") is not None and not live else "model"
     try:
@@ -74,10 +73,10 @@ def read_image(path):
         raise UserError(f"cannot read {path} as an image ({exc.__class__.__name__}: {exc})") from None
 
 
-def prepare(images, info, device):
+def prepare(images, trained, device):
     """uint8 images (N, 3, 32, 32) normalized as the model trained."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    return normalize(x, channel_tensor(info["mean"], device), channel_tensor(info["std"], device))
+    return normalize(x, channel_tensor(trained["mean"], device), channel_tensor(trained["std"], device))
 
 
 @torch.no_grad()

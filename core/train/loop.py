@@ -35,15 +35,15 @@ from .engine import (
 from .eval_only import evaluate_checkpoint
 from .lr_bounds import checkpoint_bounds, resolve_lr_bounds
 from .schedule import one_cycle_for_recipe, trace
-from .setup import Setup, bn_images, describe_device
+from .setup import BuiltRun, bn_images, describe_device
 
 
-def print_summary(setup, recipe, out):
-    print(setup.summary)
-    atomic_write_text(out / "summary.txt", setup.summary + "\n")
-    if setup.report:
-        print(setup.report)
-        atomic_write_text(out / f"{recipe.report_name}.txt", setup.report + "\n")
+def print_summary(run, recipe, out):
+    print(run.summary)
+    atomic_write_text(out / "summary.txt", run.summary + "\n")
+    if run.model_table:
+        print(run.model_table)
+        atomic_write_text(out / f"{recipe.model_table_name}.txt", run.model_table + "\n")
 
 
 def run_training(recipe, args, command, given=frozenset()):
@@ -59,30 +59,30 @@ def run_training(recipe, args, command, given=frozenset()):
     if args.resume:
         ckpt = load_checkpoint(args.resume, recipe.name, purpose="resume")
         refuse_changed_flags(given, args, ckpt["args"], args.resume)
-        args = merge_resume_flags(args, recipe.trained_flags(ckpt["args"]))
+        args = merge_resume_flags(args, ckpt["args"])
         validate(args)
     refuse_contradictions(args, given)
     out = run_folder(recipe, args)
     check_run_folder(out, args, ckpt, recipe.script)
     with deterministic_algorithms(args.deterministic):
-        s = Setup(recipe, args)
+        run = BuiltRun(recipe, args)
         with claimed_run_folder(out, args, ckpt):
-            return train(recipe, args, command, s, out, ckpt)
+            return train(recipe, args, command, run, out, ckpt)
 
 
-def train(recipe, args, command, s, out, ckpt):
+def train(recipe, args, command, run, out, ckpt):
     """The run itself, in a folder it holds: LR bounds, schedule, the epoch loop, the figures."""
-    print_summary(s, recipe, out)
-    bounds = checkpoint_bounds(ckpt) if ckpt is not None else resolve_lr_bounds(args, s, out, recipe.name)
+    print_summary(run, recipe, out)
+    bounds = checkpoint_bounds(ckpt) if ckpt is not None else resolve_lr_bounds(args, run, out, recipe.name)
     print(f"LR bounds: lr_max {bounds.lr_max:.4g}, lr_min {bounds.lr_min:.4g} (from {bounds.source})")
-    model, optimizer, device, amp_dtype = s.model, s.optimizer, s.device, s.amp_dtype
-    schedule = one_cycle_for_recipe(optimizer, bounds.lr_max, bounds.lr_min, args.epochs, len(s.train_loader),
+    model, optimizer, device, amp_dtype = run.model, run.optimizer, run.device, run.amp_dtype
+    schedule = one_cycle_for_recipe(optimizer, bounds.lr_max, bounds.lr_min, args.epochs, len(run.train_loader),
                                     peak_epoch(args), cycle_momentum=args.cycle_momentum)
     scaler = make_scaler(device, amp_dtype)
     # Seconds are summed over the processes of a resumed run; each process has its own warm-up.
     # best_*: the epoch with the highest validation accuracy where the run holds a validation
     # split, else the highest test accuracy (``best_by``).
-    best_by = "val_acc" if s.val_loader is not None else "test_acc"
+    best_by = "val_acc" if run.val_loader is not None else "test_acc"
     state = {"epoch": 0, "history": [], "best_test_acc": 0.0, "best_val_acc": 0.0 if best_by == "val_acc" else None,
              "best_epoch": None, "train_seconds": 0.0, "train_images": 0, "warmup_seconds": 0.0, "eval_seconds": 0.0,
              "checkpoint_seconds": 0.0, "commands": []}
@@ -90,12 +90,12 @@ def train(recipe, args, command, s, out, ckpt):
     def checkpoint():
         return {"model_name": recipe.name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                "ema": s.ema.state_dict() if s.ema else None,
-                "rng": rng_state(s.order_gen, s.aug_gen), "args": plain_flags(args), "lr_bounds": bounds.as_dict(),
-                "mean": s.mean, "std": s.std, "classes": list(s.ds.classes), **state}
+                "ema": run.ema.state_dict() if run.ema else None,
+                "rng": rng_state(run.order_gen, run.aug_gen), "args": plain_flags(args), "lr_bounds": bounds.as_dict(),
+                "mean": run.mean, "std": run.std, "classes": list(run.ds.classes), **state}
 
     if ckpt is not None:
-        restore(ckpt, s, schedule, scaler, state, args.resume)
+        restore(ckpt, run, schedule, scaler, state, args.resume)
         print(f"Resuming {args.resume} after epoch {state['epoch']} of {args.epochs}")
     state["commands"].append(command)
     if ckpt is None:
@@ -103,35 +103,35 @@ def train(recipe, args, command, s, out, ckpt):
 
     step_model = compile_model(model, args.compile) if args.compile else model
     eval_model = step_model
-    if s.ema:  # a module of its own, compiled (once, in eval mode) on its own
-        eval_model = compile_model(s.ema.module, args.compile) if args.compile else s.ema.module
+    if run.ema:  # a module of its own, compiled (once, in eval mode) on its own
+        eval_model = compile_model(run.ema.module, args.compile) if args.compile else run.ema.module
     bn_loader = None
     if args.recalibrate_bn:
-        bn_loader = bn_images(args, s.train, len(s.ds.classes), device, s.mean, s.std, args.batch_size)
+        bn_loader = bn_images(args, run.train, len(run.ds.classes), device, run.mean, run.std, args.batch_size)
 
     pad_to = args.eval_batch_size if args.compile else None  # one evaluation shape for the compiled model
 
     def evaluate_now(keep_predictions):
         """The test split's figures, and the validation split's (None without one)."""
         if bn_loader is not None:  # on the plain module: a compiled one would recompile for the switch
-            recalibrate_bn(s.ema.module if s.ema else model, bn_loader, device, amp_dtype)
+            recalibrate_bn(run.ema.module if run.ema else model, bn_loader, device, amp_dtype)
         val = None
-        if s.val_loader is not None:
-            val = evaluate(eval_model, s.val_loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift,
+        if run.val_loader is not None:
+            val = evaluate(eval_model, run.val_loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift,
                            pad_to=pad_to, progress=not args.no_progress)
-        return evaluate(eval_model, s.test_loader, device, amp_dtype, keep_predictions=keep_predictions,
+        return evaluate(eval_model, run.test_loader, device, amp_dtype, keep_predictions=keep_predictions,
                         tta=args.tta, tta_shift=args.tta_shift, pad_to=pad_to, progress=not args.no_progress), val
 
     # weight_decay: the one trained with (a resume restores it with the optimizer's state)
-    info = {"model": recipe.name, "flags": plain_flags(args), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
+    facts = {"model": recipe.name, "flags": plain_flags(args), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
             "lr_source": bounds.source, "peak_epoch": peak_epoch(args),
-            "weight_decay": optimizer.param_groups[0]["weight_decay"], "params": s.params,
+            "weight_decay": optimizer.param_groups[0]["weight_decay"], "params": run.params,
             "device": describe_device(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-            "train_images": len(s.train.labels), "val_images": len(s.val.labels) if s.val is not None else 0,
-            "test_images": len(s.test.labels), "best_by": best_by, "data_load_s": s.data_load_s}
-    held = f"{info['val_images']} validation / " if s.val is not None else ""
-    print(f"Training on {info['device']} with amp={info['amp']}, {info['train_images']} train / {held}"
-          f"{info['test_images']} test images, output in {out}")
+            "train_images": len(run.train.labels), "val_images": len(run.val.labels) if run.val is not None else 0,
+            "test_images": len(run.test.labels), "best_by": best_by, "data_load_s": run.data_load_s}
+    held = f"{facts['val_images']} validation / " if run.val is not None else ""
+    print(f"Training on {facts['device']} with amp={facts['amp']}, {facts['train_images']} train / {held}"
+          f"{facts['test_images']} test images, output in {out}")
     first_epoch = state["epoch"] + 1  # of this process: its first step warms up (and compiles)
     saved_epoch = state["epoch"]  # the epoch last.pt holds
     ev = val = None
@@ -140,9 +140,9 @@ def train(recipe, args, command, s, out, ckpt):
             lr = optimizer.param_groups[0]["lr"]
             print(f"EPOCH: {epoch} (LR: {lr})")
             epoch_start = time.perf_counter()
-            s.train_loader.set_epoch(epoch)
-            tr = train_epoch(step_model, s.train_loader, optimizer, schedule, s.loss_fn, device, amp_dtype, scaler,
-                             progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}", ema=s.ema)
+            run.train_loader.set_epoch(epoch)
+            tr = train_epoch(step_model, run.train_loader, optimizer, schedule, run.loss_fn, device, amp_dtype, scaler,
+                             progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}", ema=run.ema)
             evaluated = epoch % args.eval_every == 0 or epoch == args.epochs
             if evaluated:
                 eval_start = time.perf_counter()
@@ -179,7 +179,7 @@ def train(recipe, args, command, s, out, ckpt):
             elif is_best:
                 save_checkpoint(out / "best.pt", checkpoint())
             state["checkpoint_seconds"] += time.perf_counter() - save_start
-            write_metrics(out, info, state)
+            write_metrics(out, facts, state)
     except NonFiniteLoss as exc:
         raise UserError(f"{exc}; stopped. The last good checkpoint is {out / 'last.pt'}: "
                         f"lower --lr-max (try lr_range_test.py) and train again") from None
@@ -189,11 +189,11 @@ def train(recipe, args, command, s, out, ckpt):
         return 130
     if ev is None:  # resumed from a run that had already finished: nothing was evaluated yet
         ev, _ = evaluate_now(keep_predictions=True)
-    plot_training(out, state, schedule, len(s.train_loader))
-    report = write_error_report(out, s.ema.module if s.ema else model, s.test, ev["predictions"].numpy(),
-                                list(s.ds.classes), s.mean, s.std, tta=args.tta, tta_shift=args.tta_shift)
-    write_metrics(out, info, state, report)
-    chosen = f" (epoch {state['best_epoch']}, validation {state['best_val_acc']:.2f}%)" if s.val is not None else ""
+    plot_training(out, state, schedule, len(run.train_loader))
+    report = write_error_report(out, run.ema.module if run.ema else model, run.test, ev["predictions"].numpy(),
+                                list(run.ds.classes), run.mean, run.std, tta=args.tta, tta_shift=args.tta_shift)
+    write_metrics(out, facts, state, report)
+    chosen = f" (epoch {state['best_epoch']}, validation {state['best_val_acc']:.2f}%)" if run.val is not None else ""
     print(f"Best test accuracy {state['best_test_acc']:.2f}%{chosen}, final {state['history'][-1]['test_acc']:.2f}%; "
           f"outputs in {out}")
     return 0
@@ -218,10 +218,10 @@ def run_many(recipe, args, command, given):
         bests.append(m["best_test_acc"])
         final_vals.append(m.get("final_val_acc"))
     summary = {"runs": args.runs, "seeds": list(range(args.seed, args.seed + args.runs)), "final_test_acc": finals,
-               "best_test_acc": bests, **spread(finals)}
+               "best_test_acc": bests, **accuracy_spread(finals)}
     if args.val_split:
         summary["final_val_acc"] = final_vals
-        summary["val"] = spread(final_vals)
+        summary["val"] = accuracy_spread(final_vals)
         print(f"Final validation accuracy over {args.runs} runs: {summary['val']['mean']:.2f} ± "
               f"{summary['val']['std']:.2f}%")
     write_json(base / "runs.json", summary)
@@ -230,23 +230,23 @@ def run_many(recipe, args, command, given):
     return 0
 
 
-def spread(values):
+def accuracy_spread(values):
     """Mean, sample std, min and max of the runs' accuracies."""
     a = np.asarray(values, dtype=float)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
             "min": float(a.min()), "max": float(a.max())}
 
 
-def write_metrics(out, info, state, report=None):
+def write_metrics(out, facts, state, report=None):
     """metrics.json and .csv; ``report`` (the final confusion matrix and per-class accuracy) joins
     them once the run has ended."""
     history = state["history"]
     per_s = state["train_images"] / state["train_seconds"] if state["train_seconds"] > 0 else None
-    timing = {"data_load_s": info["data_load_s"], "warmup_s": state["warmup_seconds"],
+    timing = {"data_load_s": facts["data_load_s"], "warmup_s": state["warmup_seconds"],
               "train_s": state["train_seconds"], "eval_s": state["eval_seconds"],
               "checkpoint_s": state["checkpoint_seconds"]}
     commands = state["commands"]
-    write_json(out / "metrics.json", {**info, "command": commands[0], "resumed_with": commands[1:],
+    write_json(out / "metrics.json", {**facts, "command": commands[0], "resumed_with": commands[1:],
                                       "best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"],
                                       "best_test_acc": state["best_test_acc"],
                                       "final_val_acc": history[-1]["val_acc"] if history else None,

@@ -31,15 +31,14 @@ class LRBounds:
         return dataclasses.asdict(self)
 
 
-def resolve_lr_bounds(args, setup, out, model_name):
+def resolve_lr_bounds(args, run, out, model_name):
     """The bounds for a new run of ``model_name``: from --lr-from's file, a range test run now
     (--lr-max find), or --lr-max and --lr-min as given."""
     if args.lr_from:
         lr_max, lr_min = load_bounds(args.lr_from, model_name, args.optimizer)
         return LRBounds(lr_max, lr_min, f"lr_from:{args.lr_from}")
     if args.lr_max == "find":
-        s = setup
-        record = find_bounds(s.model, s.optimizer, s.loss_fn, s.train_loader, s.device, s.amp_dtype, out,
+        record = find_bounds(run.model, run.optimizer, run.loss_fn, run.train_loader, run.device, run.amp_dtype, out,
                              num_iter=args.num_iter, model_name=model_name, optimizer_name=args.optimizer,
                              settings=plain_flags(args), progress=not args.no_progress,
                              advice="give --lr-max and --lr-min instead, or read them off lr_range_test.py with a "
@@ -50,12 +49,8 @@ def resolve_lr_bounds(args, setup, out, model_name):
 
 
 def checkpoint_bounds(ckpt):
-    """The bounds a checkpointed run trained with. Checkpoints written before ``LRBounds`` kept
-    them in the flags, where the run had written them back."""
-    if "lr_bounds" in ckpt:
-        return LRBounds(**ckpt["lr_bounds"])
-    flags = ckpt["args"]
-    return LRBounds(float(flags["lr_max"]), float(flags["lr_min"]), flags.get("lr_source") or "flags")
+    """The bounds a checkpointed run trained with."""
+    return LRBounds(**ckpt["lr_bounds"])
 
 
 @contextlib.contextmanager

@@ -91,12 +91,10 @@ class Recipe:
     augment_flags: tuple = ()
     # name -> {dest: value}: a measured set of flag values that --preset NAME applies at once
     presets: dict = field(default_factory=dict)
-    # model -> text printed after the summary and saved as <report_name>.txt
-    report: object = None
-    report_name: str = ""
-    # dest -> the value a checkpoint written before the flag existed trained with, where today's
-    # default differs, so that such a run resumes, and its model is rebuilt, as it started (trained_flags)
-    predated: dict = field(default_factory=dict)
+    # model -> a table printed after the model summary and saved as <model_table_name>.txt (the dilated
+    # net's receptive field)
+    model_table: object = None
+    model_table_name: str = ""
     # --optimizer -> the weight decay it trains with unless --weight-decay is given: SGD's decay,
     # Adam's L2 (divided by each weight's gradient scale) and AdamW's decoupled decay (multiplied by
     # the LR) act at scales orders of magnitude apart, so one number cannot serve all three.
@@ -105,11 +103,6 @@ class Recipe:
     @property
     def script(self):
         return f"train_{self.name}.py"
-
-    def trained_flags(self, saved):
-        """The flags a checkpoint trained with, out of the ``saved`` ones: a flag newer than the
-        checkpoint takes its predated value, where today's default differs from it."""
-        return {**self.predated, **saved}
 
     def weight_decay_for(self, flags):
         """--weight-decay where ``flags`` (a dict such as vars(args)) give it, else the default for
@@ -127,7 +120,6 @@ class Recipe:
 
     def model_kwargs(self, values):
         """The model's constructor keywords out of the flags (a dict such as vars(args))."""
-        # A flag that a checkpoint's trained_flags still lack takes the constructor's default.
         return _flag_values(self.model_flags, values)
 
     def augment_kwargs(self, values):
@@ -180,6 +172,8 @@ RECIPES = {
     "dilated": Recipe(
         "dilated", dilated_augment,
         "Train the C1C2C3C4O net (dilated and depthwise-separable convs, no max-pooling, <200k params).",
+        # C3-C4 at 8x8, milder augmentation, C2 separable and wider, no decay on the BN, bias and
+        # depthwise weights: the validation searches' choices (docs/lab/results.md#the-dilated-net)
         dict(epochs=50, batch_size=256, lr_max=0.2, lr_min=0.0002, optimizer="sgd", cycle_momentum=False,
              label_smoothing=0.1, tta=True, decay_exempt="bias-norm-depthwise"),
         model_flags=(
@@ -217,12 +211,7 @@ RECIPES = {
             ("--gray-p", dict(type=probability, metavar="P",
                               help="probability of turning an image gray")),
         ),
-        report=receptive_field_report, report_name="receptive_field",
-        # C3-C4 at 8x8, milder augmentation, C2 separable and wider, no decay on the BN, bias and
-        # depthwise weights: the validation searches' choices (docs/lab/results.md#the-dilated-net);
-        # checkpoints since each flag record theirs
-        predated={"c4_size": 4, "ssr_p": 0.5, "dropout_p": 0.5, "gray_p": 0.2, "width": 32, "full_convs": 5,
-                  "decay_exempt": "none"},
+        model_table=receptive_field_report, model_table_name="receptive_field",
         weight_decay=dict.fromkeys(("sgd", "adam", "adamw"), 5e-4),  # only SGD's searched
     ),
     "ultimus": Recipe(
@@ -247,7 +236,6 @@ RECIPES = {
         # (docs/lab/results.md#ultimus-with---residual); the exact net's own search chose a peak of
         # 0.01 and collapsed at 0.03, so the defaults stay its recipe
         presets={"residual": dict(residual=True, init="kaiming", lr_max=0.02, lr_min=0.002)},
-        predated={"crop_padding": 4},
         weight_decay=dict.fromkeys(("sgd", "adam", "adamw"), 0.0),  # an underfitting net: none
     ),
 }

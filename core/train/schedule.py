@@ -130,7 +130,7 @@ def one_cycle_for_recipe(optimizer, lr_max, lr_min, epochs, steps_per_epoch, max
     linearly back down to lr_min at the end (no annihilation below lr_min). Without
     ``cycle_momentum`` the optimizer's own momentum (or beta1) is left as it is, as in Page's
     ResNet-9 recipe (fixed Nesterov momentum 0.9). A param group with an ``lr_scale`` (see
-    ``trainer.param_groups``) follows the same cycle at that multiple of the LR."""
+    ``core.train.optim.param_groups``) follows the same cycle at that multiple of the LR."""
     total = epochs * steps_per_epoch
     peaks = [lr_max * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     return OneCycle(optimizer, max_lr=peaks, total_steps=total, pct_start=max_at_epoch / epochs,

@@ -15,7 +15,7 @@ from ..data.loader import DeviceLoader, channel_stats
 from ..data.subsets import balanced_split, run_images
 from ..device import autotune_convolutions, keep_freed_memory, pick_amp, pick_device
 from ..errors import UserError
-from ..models import build_model
+from ..models import MODELS
 from ..models.whitening import fit_whitening
 from ..report.summary import summary_table
 from ..runs.outputs import check_folder
@@ -75,7 +75,7 @@ def check_model_fits(recipe, flags, num_classes, device):
                       if isinstance(value, int) and not isinstance(value, bool))
     try:
         with torch.device("meta"):
-            model = build_model(recipe.name, num_classes=num_classes, **recipe.model_kwargs(flags))
+            model = MODELS[recipe.name](num_classes=num_classes, **recipe.model_kwargs(flags))
     except (RuntimeError, OverflowError, TypeError, ValueError, MemoryError) as exc:
         raise UserError(f"the {recipe.name} model cannot be built with {sizes} ({exc.__class__.__name__}): "
                         f"lower them") from None
@@ -119,7 +119,7 @@ def check_batch_fits(model, device, batch_size):
 def make_model(recipe, flags, classes, device):
     """The recipe's model for ``flags`` (a dict: the parsed flags, or a checkpoint's) with one
     output per class, on ``device``."""
-    return build_model(recipe.name, num_classes=len(classes), **recipe.model_kwargs(flags)).to(device)
+    return MODELS[recipe.name](num_classes=len(classes), **recipe.model_kwargs(flags)).to(device)
 
 
 def plain_batches(args, split, device, mean, std, batch_size=None):
@@ -135,7 +135,7 @@ def bn_images(args, train, num_classes, device, mean, std, batch_size):
     return plain_batches(args, balanced_split(train, args.recalibrate_bn, num_classes), device, mean, std, batch_size)
 
 
-class Setup:
+class BuiltRun:
     """Everything a training run or a range test builds from the flags, in one place. The order
     of the steps is part of the result: the model's initialization draws from the seeded torch
     generator, so building it earlier or later would train other weights."""
@@ -167,7 +167,7 @@ class Setup:
                                          first_flips=first_flips)
         fit_whitening(self.model, self.train_loader)
         self.summary, self.params = summary_table(self.model)
-        self.report = recipe.report(self.model) if recipe.report else None
+        self.model_table = recipe.model_table(self.model) if recipe.model_table else None
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # After the layout change, which makes new tensors: the average follows these ones.
