@@ -69,9 +69,9 @@ def set_rng_state(state, order_gen, aug_gen, path):
     order_gen.set_state(state["order"])
 
 
-def restore(ckpt, run, schedule, scaler, progress, path):
-    """Load the checkpoint's training state into a freshly built run, and its counters into the
-    ``progress`` dict (epoch, history, timings): the continued run starts where ``ckpt`` stopped."""
+def restore(ckpt, run, schedule, scaler, path):
+    """Load the checkpoint's training state into a freshly built run: the continued run starts
+    where ``ckpt`` stopped."""
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
@@ -80,4 +80,3 @@ def restore(ckpt, run, schedule, scaler, progress, path):
     if run.ema:
         run.ema.load_state_dict(ckpt["ema"])
     set_rng_state(ckpt["rng"], run.order_gen, run.aug_gen, path)
-    progress.update({k: ckpt[k] for k in progress if k in ckpt})

@@ -1,7 +1,9 @@
-"""A whole training run: the epoch loop over a built run (``core.build``), and what it writes to
-the output folder: checkpoints, metrics and figures. Also ``--runs``, and the dispatch to
-``--eval-only``."""
+"""A whole training run, top to bottom: the flags checked, a resume's checkpoint read, the run
+built (``core.train.setup``) in a folder it holds, then the epoch loop (step and evaluation in
+``core.train.engine``) with its checkpoints, metrics and figures. Also ``--runs``, and the
+dispatch to ``--eval-only``."""
 
+import dataclasses
 import json
 import sys
 import time
@@ -70,116 +72,150 @@ def run_training(recipe, args, command, given=frozenset()):
             return train(recipe, args, command, run, out, ckpt)
 
 
+@dataclasses.dataclass
+class Progress:
+    """What a run has done so far, which its checkpoints keep beside the weights so that a resume
+    goes on counting. Seconds are summed over the processes of a resumed run (each has its own
+    warm-up); best_* is the epoch of the highest validation accuracy where the run holds a
+    validation split, else of the highest test accuracy."""
+
+    epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)  # one row per epoch (HISTORY_FIELDS)
+    best_test_acc: float = 0.0
+    best_val_acc: float | None = None
+    best_epoch: int | None = None
+    train_seconds: float = 0.0
+    train_images: int = 0
+    warmup_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    commands: list = dataclasses.field(default_factory=list)  # the command lines that started and resumed it
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)})
+
+    def improves_on_best(self, val, test):
+        """Whether this epoch's evaluation beats the best so far (by validation where there is one)."""
+        return test["acc"] > self.best_test_acc if val is None else val["acc"] > self.best_val_acc
+
+
+def checkpoint_state(recipe, run, args, schedule, scaler, bounds, progress):
+    """Everything a resume needs, as tensors and plain values."""
+    return {"model_name": recipe.name, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+            "ema": run.ema.state_dict() if run.ema else None, "rng": rng_state(run.order_gen, run.aug_gen),
+            "args": plain_flags(args), "lr_bounds": bounds.as_dict(), "mean": run.mean, "std": run.std,
+            "classes": list(run.ds.classes), **dataclasses.asdict(progress)}
+
+
+def evaluate_splits(run, eval_model, bn_loader, args, keep_predictions):
+    """The test split's figures, and the validation split's (None without one); with
+    --recalibrate-bn the BatchNorm statistics are re-estimated first, on the plain module (a
+    compiled one would recompile for the switch to train mode)."""
+    if bn_loader is not None:
+        recalibrate_bn(run.ema.module if run.ema else run.model, bn_loader, run.device, run.amp_dtype)
+    pad_to = args.eval_batch_size if args.compile else None  # one evaluation shape for a compiled model
+    common = dict(tta=args.tta, tta_shift=args.tta_shift, pad_to=pad_to, progress=not args.no_progress)
+    val = None
+    if run.val_loader is not None:
+        val = evaluate(eval_model, run.val_loader, run.device, run.amp_dtype, **common)
+    test = evaluate(eval_model, run.test_loader, run.device, run.amp_dtype, keep_predictions=keep_predictions,
+                    **common)
+    return test, val
+
+
+def run_facts(recipe, run, args, bounds):
+    """What metrics.json says of the run beside its progress: the flags, the LR bounds, the
+    weight decay trained with (a resume restores it with the optimizer's state), the device."""
+    amp = str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32"
+    return {"model": recipe.name, "flags": plain_flags(args), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
+            "lr_source": bounds.source, "peak_epoch": peak_epoch(args),
+            "weight_decay": run.optimizer.param_groups[0]["weight_decay"], "params": run.params,
+            "device": describe_device(run.device), "amp": amp, "train_images": len(run.train.labels),
+            "val_images": len(run.val.labels) if run.val is not None else 0, "test_images": len(run.test.labels),
+            "best_by": "val_acc" if run.val is not None else "test_acc", "data_load_s": run.data_load_s}
+
+
 def train(recipe, args, command, run, out, ckpt):
-    """The run itself, in a folder it holds: LR bounds, schedule, the epoch loop, the figures."""
+    """The run itself, in a folder it holds: LR bounds and schedule, then for each epoch train,
+    evaluate, log and checkpoint, then the figures and the error report."""
     print_summary(run, recipe, out)
     bounds = checkpoint_bounds(ckpt) if ckpt is not None else resolve_lr_bounds(args, run, out, recipe.name)
     print(f"LR bounds: lr_max {bounds.lr_max:.4g}, lr_min {bounds.lr_min:.4g} (from {bounds.source})")
-    model, optimizer, device, amp_dtype = run.model, run.optimizer, run.device, run.amp_dtype
-    schedule = one_cycle_for_recipe(optimizer, bounds.lr_max, bounds.lr_min, args.epochs, len(run.train_loader),
+    schedule = one_cycle_for_recipe(run.optimizer, bounds.lr_max, bounds.lr_min, args.epochs, len(run.train_loader),
                                     peak_epoch(args), cycle_momentum=args.cycle_momentum)
-    scaler = make_scaler(device, amp_dtype)
-    # Seconds are summed over the processes of a resumed run; each process has its own warm-up.
-    # best_*: the epoch with the highest validation accuracy where the run holds a validation
-    # split, else the highest test accuracy (``best_by``).
-    best_by = "val_acc" if run.val_loader is not None else "test_acc"
-    state = {"epoch": 0, "history": [], "best_test_acc": 0.0, "best_val_acc": 0.0 if best_by == "val_acc" else None,
-             "best_epoch": None, "train_seconds": 0.0, "train_images": 0, "warmup_seconds": 0.0, "eval_seconds": 0.0,
-             "checkpoint_seconds": 0.0, "commands": []}
-
-    def checkpoint():
-        return {"model_name": recipe.name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                "ema": run.ema.state_dict() if run.ema else None,
-                "rng": rng_state(run.order_gen, run.aug_gen), "args": plain_flags(args), "lr_bounds": bounds.as_dict(),
-                "mean": run.mean, "std": run.std, "classes": list(run.ds.classes), **state}
-
-    if ckpt is not None:
-        restore(ckpt, run, schedule, scaler, state, args.resume)
-        print(f"Resuming {args.resume} after epoch {state['epoch']} of {args.epochs}")
-    state["commands"].append(command)
+    scaler = make_scaler(run.device, run.amp_dtype)
     if ckpt is None:
-        save_checkpoint(out / "last.pt", checkpoint())
+        progress = Progress(best_val_acc=0.0 if run.val is not None else None)
+    else:
+        restore(ckpt, run, schedule, scaler, args.resume)
+        progress = Progress.from_checkpoint(ckpt)
+        print(f"Resuming {args.resume} after epoch {progress.epoch} of {args.epochs}")
+    progress.commands.append(command)
+    if ckpt is None:
+        save_checkpoint(out / "last.pt", checkpoint_state(recipe, run, args, schedule, scaler, bounds, progress))
 
-    step_model = compile_model(model, args.compile) if args.compile else model
+    step_model = compile_model(run.model, args.compile) if args.compile else run.model
     eval_model = step_model
     if run.ema:  # a module of its own, compiled (once, in eval mode) on its own
         eval_model = compile_model(run.ema.module, args.compile) if args.compile else run.ema.module
     bn_loader = None
     if args.recalibrate_bn:
-        bn_loader = bn_images(args, run.train, len(run.ds.classes), device, run.mean, run.std, args.batch_size)
-
-    pad_to = args.eval_batch_size if args.compile else None  # one evaluation shape for the compiled model
-
-    def evaluate_now(keep_predictions):
-        """The test split's figures, and the validation split's (None without one)."""
-        if bn_loader is not None:  # on the plain module: a compiled one would recompile for the switch
-            recalibrate_bn(run.ema.module if run.ema else model, bn_loader, device, amp_dtype)
-        val = None
-        if run.val_loader is not None:
-            val = evaluate(eval_model, run.val_loader, device, amp_dtype, tta=args.tta, tta_shift=args.tta_shift,
-                           pad_to=pad_to, progress=not args.no_progress)
-        return evaluate(eval_model, run.test_loader, device, amp_dtype, keep_predictions=keep_predictions,
-                        tta=args.tta, tta_shift=args.tta_shift, pad_to=pad_to, progress=not args.no_progress), val
-
-    # weight_decay: the one trained with (a resume restores it with the optimizer's state)
-    facts = {"model": recipe.name, "flags": plain_flags(args), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
-            "lr_source": bounds.source, "peak_epoch": peak_epoch(args),
-            "weight_decay": optimizer.param_groups[0]["weight_decay"], "params": run.params,
-            "device": describe_device(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-            "train_images": len(run.train.labels), "val_images": len(run.val.labels) if run.val is not None else 0,
-            "test_images": len(run.test.labels), "best_by": best_by, "data_load_s": run.data_load_s}
+        bn_loader = bn_images(args, run.train, len(run.ds.classes), run.device, run.mean, run.std, args.batch_size)
+    facts = run_facts(recipe, run, args, bounds)
     held = f"{facts['val_images']} validation / " if run.val is not None else ""
     print(f"Training on {facts['device']} with amp={facts['amp']}, {facts['train_images']} train / {held}"
           f"{facts['test_images']} test images, output in {out}")
-    first_epoch = state["epoch"] + 1  # of this process: its first step warms up (and compiles)
-    saved_epoch = state["epoch"]  # the epoch last.pt holds
-    ev = val = None
+    first_epoch = progress.epoch + 1  # of this process: its first step warms up (and compiles)
+    saved_epoch = progress.epoch  # the epoch last.pt holds
+    test = val = None
     try:
         for epoch in range(first_epoch, args.epochs + 1):
-            lr = optimizer.param_groups[0]["lr"]
+            lr = run.optimizer.param_groups[0]["lr"]
             print(f"EPOCH: {epoch} (LR: {lr})")
             epoch_start = time.perf_counter()
             run.train_loader.set_epoch(epoch)
-            tr = train_epoch(step_model, run.train_loader, optimizer, schedule, run.loss_fn, device, amp_dtype, scaler,
-                             progress=not args.no_progress, desc=f"epoch {epoch}/{args.epochs}", ema=run.ema)
+            tr = train_epoch(step_model, run.train_loader, run.optimizer, schedule, run.loss_fn, run.device,
+                             run.amp_dtype, scaler, progress=not args.no_progress,
+                             desc=f"epoch {epoch}/{args.epochs}", ema=run.ema)
             evaluated = epoch % args.eval_every == 0 or epoch == args.epochs
             if evaluated:
                 eval_start = time.perf_counter()
-                ev, val = evaluate_now(keep_predictions=epoch == args.epochs)
-                state["eval_seconds"] += time.perf_counter() - eval_start
+                test, val = evaluate_splits(run, eval_model, bn_loader, args, keep_predictions=epoch == args.epochs)
+                progress.eval_seconds += time.perf_counter() - eval_start
                 if val is not None:
                     print(format_test_line(val, "Validation"))
                 if val is None or epoch == args.epochs:  # a search reads validation lines, not test ones
-                    print(format_test_line(ev))
+                    print(format_test_line(test))
             if args.no_progress or not sys.stderr.isatty():
                 print(f"  train: loss {tr['loss']:.4f}, accuracy {tr['acc']:.2f}%, {tr['seconds']:.1f}s")
             warmup = tr["first_step_s"] if epoch == first_epoch else 0.0
-            state["warmup_seconds"] += warmup
-            state["train_seconds"] += tr["seconds"] - warmup
-            state["train_images"] += tr["images"] - (args.batch_size if epoch == first_epoch else 0)
-            state["history"].append({"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
+            progress.warmup_seconds += warmup
+            progress.train_seconds += tr["seconds"] - warmup
+            progress.train_images += tr["images"] - (args.batch_size if epoch == first_epoch else 0)
+            progress.history.append({"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
                                      "val_loss": val["loss"] if evaluated and val is not None else None,
                                      "val_acc": val["acc"] if evaluated and val is not None else None,
-                                     "test_loss": ev["loss"] if evaluated else None,
-                                     "test_acc": ev["acc"] if evaluated else None,
+                                     "test_loss": test["loss"] if evaluated else None,
+                                     "test_acc": test["acc"] if evaluated else None,
                                      "epoch_time_s": time.perf_counter() - epoch_start})
-            state["epoch"] = epoch
-            is_best = evaluated and (val if val is not None else ev)["acc"] > state["best_" + best_by]
+            progress.epoch = epoch
+            is_best = evaluated and progress.improves_on_best(val, test)
             if is_best:
-                state.update(best_test_acc=ev["acc"], best_val_acc=val["acc"] if val is not None else None,
-                             best_epoch=epoch)
+                progress.best_test_acc, progress.best_epoch = test["acc"], epoch
+                progress.best_val_acc = val["acc"] if val is not None else None
             # One serialization a save: best.pt is put in place first, so a kill between the two
             # leaves it no older than last.pt. With --save-every, a new best is still kept.
-            save_last = epoch % args.save_every == 0 or epoch == args.epochs
             save_start = time.perf_counter()
-            if save_last:
-                save_checkpoint(out / "last.pt", checkpoint(), also=[out / "best.pt"] if is_best else [])
-                saved_epoch = epoch
-            elif is_best:
-                save_checkpoint(out / "best.pt", checkpoint())
-            state["checkpoint_seconds"] += time.perf_counter() - save_start
-            write_metrics(out, facts, state)
+            save_last = epoch % args.save_every == 0 or epoch == args.epochs
+            if save_last or is_best:
+                state = checkpoint_state(recipe, run, args, schedule, scaler, bounds, progress)
+                save_checkpoint(out / ("last.pt" if save_last else "best.pt"), state,
+                                also=[out / "best.pt"] if save_last and is_best else [])
+                saved_epoch = epoch if save_last else saved_epoch
+            progress.checkpoint_seconds += time.perf_counter() - save_start
+            write_metrics(out, facts, progress)
     except NonFiniteLoss as exc:
         raise UserError(f"{exc}; stopped. The last good checkpoint is {out / 'last.pt'}: "
                         f"lower --lr-max (try lr_range_test.py) and train again") from None
@@ -187,14 +223,15 @@ def train(recipe, args, command, run, out, ckpt):
         print(f"\nInterrupted. {out / 'last.pt'} holds the state after epoch {saved_epoch} (training since "
               f"then is lost); resume with:\n  {resume_command(recipe.script, out / 'last.pt')}", file=sys.stderr)
         return 130
-    if ev is None:  # resumed from a run that had already finished: nothing was evaluated yet
-        ev, _ = evaluate_now(keep_predictions=True)
-    plot_training(out, state, schedule, len(run.train_loader))
-    report = write_error_report(out, run.ema.module if run.ema else model, run.test, ev["predictions"].numpy(),
-                                list(run.ds.classes), run.mean, run.std, tta=args.tta, tta_shift=args.tta_shift)
-    write_metrics(out, facts, state, report)
-    chosen = f" (epoch {state['best_epoch']}, validation {state['best_val_acc']:.2f}%)" if run.val is not None else ""
-    print(f"Best test accuracy {state['best_test_acc']:.2f}%{chosen}, final {state['history'][-1]['test_acc']:.2f}%; "
+    if test is None:  # resumed from a run that had already finished: nothing was evaluated yet
+        test, _ = evaluate_splits(run, eval_model, bn_loader, args, keep_predictions=True)
+    plot_training(out, progress, schedule, len(run.train_loader))
+    report = write_error_report(out, run.ema.module if run.ema else run.model, run.test,
+                                test["predictions"].numpy(), list(run.ds.classes), run.mean, run.std, tta=args.tta,
+                                tta_shift=args.tta_shift)
+    write_metrics(out, facts, progress, report)
+    chosen = f" (epoch {progress.best_epoch}, validation {progress.best_val_acc:.2f}%)" if run.val is not None else ""
+    print(f"Best test accuracy {progress.best_test_acc:.2f}%{chosen}, final {progress.history[-1]['test_acc']:.2f}%; "
           f"outputs in {out}")
     return 0
 
@@ -237,18 +274,17 @@ def accuracy_spread(values):
             "min": float(a.min()), "max": float(a.max())}
 
 
-def write_metrics(out, facts, state, report=None):
+def write_metrics(out, facts, progress, report=None):
     """metrics.json and .csv; ``report`` (the final confusion matrix and per-class accuracy) joins
     them once the run has ended."""
-    history = state["history"]
-    per_s = state["train_images"] / state["train_seconds"] if state["train_seconds"] > 0 else None
-    timing = {"data_load_s": facts["data_load_s"], "warmup_s": state["warmup_seconds"],
-              "train_s": state["train_seconds"], "eval_s": state["eval_seconds"],
-              "checkpoint_s": state["checkpoint_seconds"]}
-    commands = state["commands"]
-    write_json(out / "metrics.json", {**facts, "command": commands[0], "resumed_with": commands[1:],
-                                      "best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"],
-                                      "best_test_acc": state["best_test_acc"],
+    history = progress.history
+    per_s = progress.train_images / progress.train_seconds if progress.train_seconds > 0 else None
+    timing = {"data_load_s": facts["data_load_s"], "warmup_s": progress.warmup_seconds,
+              "train_s": progress.train_seconds, "eval_s": progress.eval_seconds,
+              "checkpoint_s": progress.checkpoint_seconds}
+    write_json(out / "metrics.json", {**facts, "command": progress.commands[0], "resumed_with": progress.commands[1:],
+                                      "best_epoch": progress.best_epoch, "best_val_acc": progress.best_val_acc,
+                                      "best_test_acc": progress.best_test_acc,
                                       "final_val_acc": history[-1]["val_acc"] if history else None,
                                       "final_test_acc": history[-1]["test_acc"] if history else None,
                                       "train_images_per_s": per_s, "timing": timing, **(report or {}),
@@ -256,9 +292,9 @@ def write_metrics(out, facts, state, report=None):
     write_history_csv(out / "metrics.csv", history)
 
 
-def plot_training(out, state, schedule, steps_per_epoch):
+def plot_training(out, progress, schedule, steps_per_epoch):
     """The curves, and the schedule the run actually used."""
-    plots.plot_curves(state["history"], out / "curves.png")
+    plots.plot_curves(progress.history, out / "curves.png")
     lrs, moms = trace(schedule, schedule.total_steps)
     label = "beta1" if schedule.use_beta1 else "momentum"
     plots.plot_lr_schedule(lrs, moms, steps_per_epoch, out / "lr_schedule.png", momentum_label=label)
