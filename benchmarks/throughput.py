@@ -131,7 +131,7 @@ def build_parser():
 
 
 def main(argv=None):
-    return run_cli(benchmark, argv, build_parser())
+    return run_cli(lambda args, given: benchmark(args), argv, build_parser())
 
 
 def benchmark(args):

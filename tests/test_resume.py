@@ -14,7 +14,7 @@ from core.cli.parsers import build_train_parser, script_parsers
 from core.flags import plain_flags
 from core.runs.checkpoint import load_checkpoint
 from core.runs.resume import (
-    RUN_PLACE_FLAGS,
+    CommandLine,
     merge_resume_flags,
     rng_state,
     set_rng_state,
@@ -52,18 +52,18 @@ def interrupt_after_first_epoch(data, out, monkeypatch, *flags, script=train_ult
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
 
 
+WHERE_AND_HOW = {"data", "cache_dir", "out", "overwrite", "device", "no_progress", "resume", "eval_only", "compile",
+                 "save_every"}
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_the_run_place_flags_are_flags_and_no_training_flag_is_one(name):
-    dests = set(vars(build_train_parser(RECIPES[name]).parse_args([])))
-    assert RUN_PLACE_FLAGS <= dests
-    training = {"epochs", "batch_size", "lr_max", "lr_min", "lr_from", "max_at_epoch", "optimizer", "weight_decay",
-                "label_smoothing", "seed", "train_subset", "flip", "ema_decay", "amp", "channels_last"}
-    assert not RUN_PLACE_FLAGS & training
+def test_a_resume_takes_where_and_how_to_run_from_the_command_line_and_no_training_flag(name):
+    assert build_train_parser(RECIPES[name]).resumable() == WHERE_AND_HOW
 
 
 def test_the_flags_page_names_exactly_the_flags_a_resume_takes():
     section = flags_markdown(script_parsers()).split("## Resume")[1]
-    assert set(re.findall(r"`(--[a-z-]+)`", section)) == {"--" + d.replace("_", "-") for d in RUN_PLACE_FLAGS}
+    assert set(re.findall(r"`(--[a-z-]+)`", section)) == {"--" + d.replace("_", "-") for d in WHERE_AND_HOW}
 
 
 def test_a_resume_takes_where_and_how_from_the_command_line_and_the_rest_from_the_checkpoint():
@@ -71,7 +71,7 @@ def test_a_resume_takes_where_and_how_from_the_command_line_and_the_rest_from_th
     saved = vars(parser.parse_args(["--epochs", "3", "--data", "old", "--seed", "7"]))
     del saved["flip"]  # a checkpoint older than the flag
     typed = parser.parse_args(["--resume", "x/last.pt", "--epochs", "9", "--data", "new", "--no-progress"])
-    merged = merge_resume_flags(typed, saved)
+    merged = merge_resume_flags(typed, saved, parser.resumable())
     assert (merged.epochs, merged.seed) == (3, 7)
     assert (merged.data, merged.resume, merged.no_progress) == ("new", "x/last.pt", True)
     assert merged.out is None and merged.flip == "random"
@@ -83,7 +83,7 @@ def test_a_run_leaves_its_parsed_flags_alone_and_records_them_as_typed(data, tmp
     recipe = RECIPES["ultimus"]
     args = build_train_parser(recipe).parse_args(tiny(data, tmp_path, "--lr-max", "find"))
     typed = dict(vars(args))
-    assert loop.run_training(recipe, args, "python train_ultimus.py ...") == 0
+    assert loop.run_training(recipe, args, CommandLine("python train_ultimus.py ...")) == 0
     assert vars(args) == typed
     m, ckpt = metrics(tmp_path), load_checkpoint(tmp_path / "last.pt")
     found = json.loads((tmp_path / "lr_finder.json").read_text())

@@ -23,6 +23,7 @@ from ..runs.folder import (
     new_folder,
 )
 from ..runs.outputs import check_folder, make_folder
+from ..runs.resume import CommandLine
 from ..train.inference import (
     image_files,
     load_trained,
@@ -40,7 +41,6 @@ from .parsers import (
     build_predict_parser,
     build_range_test_parser,
     build_train_parser,
-    given_flags,
     run_cli,
 )
 
@@ -51,12 +51,13 @@ def train_main(recipe_name, argv=None):
     typed = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", recipe.script, *typed])
     parser = build_train_parser(recipe)
-    return run_cli(lambda args: run_training(recipe, args, command, given_flags(parser, typed)), typed, parser)
+    return run_cli(lambda args, given: run_training(recipe, args, CommandLine(command, given, parser.resumable())),
+                   typed, parser)
 
 
 def range_test_main(argv=None):
     """The whole of lr_range_test.py."""
-    return run_cli(run_range_test, argv, build_range_test_parser())
+    return run_cli(lambda args, given: run_range_test(args), argv, build_range_test_parser())
 
 
 def run_range_test(args):
@@ -151,7 +152,7 @@ def recipe_flags(script_defaults, args):
 
 def predict_main(argv=None):
     """The whole of predict.py."""
-    return run_cli(run_predict, argv, build_predict_parser())
+    return run_cli(lambda args, given: run_predict(args), argv, build_predict_parser())
 
 
 def gradcam_paths(folder, files, overwrite):

@@ -3,7 +3,6 @@
 
 import sys
 
-from ..runs.resume import RUN_PLACE_FLAGS
 from .parsers import script_parsers
 
 
@@ -21,31 +20,46 @@ def _default_cell(action):
     return _markdown_cell(action.default)
 
 
+def _value_cell(action):
+    """The value a flag takes, as --help spells it."""
+    if action.nargs == 0:  # a switch
+        return ""
+    if action.metavar is not None:
+        value = action.metavar
+    elif action.choices is not None:
+        value = "{" + ",".join(map(str, action.choices)) + "}"
+    else:
+        value = action.dest.upper()
+    if action.nargs == "?":
+        return _markdown_cell(f"[{value}]")
+    if action.nargs == "+":
+        return _markdown_cell(f"{value} [{value} ...]")
+    return _markdown_cell(value)
+
+
 def flags_markdown(parsers):
-    """One table per script: each flag's spellings, value, default and --help text."""
+    """One table per script: each flag's spellings, value, default and --help text; then which
+    flags --resume takes from the command line."""
     lines = ["# Flags", "", "Every flag of every script, as its `--help` prints it. Generated from the parsers by",
              "`python -m core.cli.flags_doc > docs/flags.md`; a test fails when this page and the parsers disagree.",
              "What the flags do, at more length: [training.md](training.md).", ""]
     for script, parser in parsers.items():
         lines += [f"## `{script}`", "", _markdown_cell(parser.description), "",
                   "| flag | value | default | meaning |", "|---|---|---|---|"]
-        formatter = parser._get_formatter()
-        for action in parser._actions:
-            if action.dest == "help":
-                continue
-            value = formatter._format_args(action, action.dest.upper()) if action.nargs != 0 else ""
+        for flag in parser.flags:
+            action = flag.action
             names = action.option_strings or [action.metavar or action.dest]  # a positional: its metavar
-            lines.append(f"| {', '.join(f'`{o}`' for o in names)} | {_markdown_cell(value)} "
+            lines.append(f"| {', '.join(f'`{o}`' for o in names)} | {_value_cell(action)} "
                          f"| {_default_cell(action)} | {_markdown_cell(action.help or '')} |")
         lines.append("")
     return "\n".join(lines + resume_section(parsers))
 
 
 def resume_section(parsers):
-    """Which flags ``--resume`` takes from the command line: those that say where and how to run
-    (``RUN_PLACE_FLAGS``); every other flag comes from the checkpoint."""
+    """Which flags ``--resume`` takes from the command line: those the parsers mark as saying
+    where and how to run; every other flag comes from the checkpoint."""
     train = next(parser for script, parser in parsers.items() if script.startswith("train_"))
-    taken = [action.option_strings[0] for action in train._actions if action.dest in RUN_PLACE_FLAGS]
+    taken = [flag.action.option_strings[0] for flag in train.flags if flag.resumable]
     return ["## Resume", "", "`--resume` takes from the command line only the flags that say where and how to run: "
             + ", ".join(f"`{flag}`" for flag in taken) + ". Every other flag comes from the checkpoint; one given "
             "with another value than the run's is refused in one line.", ""]

@@ -25,26 +25,86 @@ from ..train.optim import DECAY_EXEMPT, OPTIMIZERS
 from ..train.recipes import RECIPES
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with single-line errors, like the rest of the toolkit's messages."""
+class _OnlyTyped(argparse.Namespace):
+    """A namespace that argparse takes to hold every flag already (it fills in a default only
+    where ``hasattr`` fails), so that after parsing it holds just the flags that were typed."""
 
-    def __init__(self, *args, **kwargs):
+    def __getattr__(self, name):
+        if name.startswith("_"):  # argparse's own bookkeeping (no flag's dest starts so)
+            raise AttributeError(name)
+        return None
+
+
+class FlagGroup:
+    """An argparse group that records each flag it defines in its parser's ``flags``."""
+
+    def __init__(self, parser, group):
+        self.parser, self.group = parser, group
+
+    def add_argument(self, *names, resumable=False, **kwargs):
+        return self.parser.record(self.group.add_argument(*names, **kwargs), self.group.title, resumable)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with single-line errors, like the rest of the toolkit's messages, that keeps its
+    own record of the flags it defines (``flags``: each one's argparse action, ``--help`` group,
+    and whether ``--resume`` may change it), which docs/flags.md and resume are built from.
+
+    Parsing reads the command line once: the flags typed, laid over a ``--preset``'s values,
+    laid over the defaults, so that explicit flags win over the preset."""
+
+    def __init__(self, *args, presets=None, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        self.flags = []
+        self.presets = presets or {}
         super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def record(self, action, group, resumable):
+        if action.default is not argparse.SUPPRESS:  # not --help
+            self.flags.append(Flag(action, group, resumable))
+        return action
+
+    def add_argument(self, *names, resumable=False, **kwargs):
+        return self.record(super().add_argument(*names, **kwargs), "options", resumable)
+
+    def add_flag_group(self, title):
+        return FlagGroup(self, self.add_argument_group(title))
+
+    def parse_typed(self, args=None):
+        """The flags typed in ``args``, as {dest: value}; argparse's own checks and errors apply."""
+        return vars(super().parse_args(args, _OnlyTyped()))
+
+    def resumable(self):
+        """The dests of the flags that say where and how to run, which --resume takes from the
+        command line."""
+        return frozenset(flag.dest for flag in self.flags if flag.resumable)
+
+    def defaults(self):
+        return {flag.dest: flag.action.default for flag in self.flags}
+
+    def parse_with_given(self, args=None):
+        """(the parsed flags, the dests of those typed), from one reading of ``args``."""
+        typed = self.parse_typed(args)
+        values = self.defaults()
+        if typed.get("preset"):
+            values.update(self.presets[typed["preset"]])
+        values.update(typed)
+        return argparse.Namespace(**values), frozenset(typed)
+
     def parse_args(self, args=None, namespace=None):
-        """With ``--preset NAME``, parsing starts from a namespace holding the preset's values:
-        argparse fills in defaults only where the namespace has none, and a flag given on the
-        command line still overwrites it, so explicit flags win over the preset."""
-        presets = getattr(self, "presets", None)
-        if presets and namespace is None:
-            known, _ = self.parse_known_args(args)
-            if known.preset:
-                namespace = argparse.Namespace(**presets[known.preset])
-        return super().parse_args(args, namespace)
+        return self.parse_with_given(args)[0]
+
+
+class Flag:
+    """One flag as its parser defined it: argparse's action (its names, dest, default, help), the
+    ``--help`` group it is listed in, and whether ``--resume`` takes it from the command line."""
+
+    def __init__(self, action, group, resumable):
+        self.action, self.group, self.resumable = action, group, resumable
+        self.dest = action.dest
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -59,17 +119,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_cache_arg(p):
-    p.add_argument("--cache-dir", default=None, metavar="DIR",
+    p.add_argument("--cache-dir", default=None, metavar="DIR", resumable=True,
                    help="where decoded uint8 arrays are cached (default: ~/.cache/cifar-toolkit; 'none' disables)")
 
 
 def add_progress_arg(p):
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of tqdm bars")
+    p.add_argument("--no-progress", action="store_true", resumable=True, help="plain log lines instead of tqdm bars")
 
 
 def add_data_args(p):
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, metavar="PATH",
+    g = p.add_flag_group("data")
+    g.add_argument("--data", default=None, metavar="PATH", resumable=True,
                    help="CIFAR-10 source: a folder holding cifar-10-batches-py/, an image folder with "
                         "train/<class>/ and test/<class>/, or a .tar/.tar.gz/.tgz of either "
                         "(default: ./data, downloading the official dataset there if missing)")
@@ -85,15 +145,15 @@ def add_data_args(p):
 
 
 def add_device_args(p):
-    g = p.add_argument_group("device and speed")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+    g = p.add_flag_group("device and speed")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], resumable=True,
                    help="where to train; auto takes CUDA, then MPS, then the CPU")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision; auto: bf16 on recent GPUs and AMX/AVX512-BF16 CPUs, "
                         "fp16 with loss scaling on older GPUs (T4), else fp32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory layout, faster for convs with AMP")
-    g.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+    g.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE", resumable=True,
                    choices=list(COMPILE_MODES),
                    help="torch.compile the model: once for training and once for evaluation. MODE: " +
                         "; ".join(f"{k}: {v}" for k, v in COMPILE_MODES.items()) + " (bare --compile: default)")
@@ -135,9 +195,9 @@ def format_preset(values):
 
 
 def build_train_parser(recipe):
-    p = ArgumentParser(prog=recipe.script, description=recipe.description)
+    p = ArgumentParser(prog=recipe.script, description=recipe.description, presets=recipe.presets)
     add_data_args(p)
-    g = p.add_argument_group("training")
+    g = p.add_flag_group("training")
     g.add_argument("--epochs", type=positive_int, help="number of epochs")
     g.add_argument("--batch-size", type=positive_int, help="training batch size")
     g.add_argument("--eval-batch-size", type=positive_int, default=1024, help="evaluation batch size")
@@ -169,28 +229,27 @@ def build_train_parser(recipe):
     g.add_argument("--runs", type=positive_int, default=1,
                    help="train N times with seeds seed..seed+N-1 and report mean, std, min and max accuracy")
     if recipe.presets:
-        p.presets = recipe.presets
         g.add_argument("--preset", choices=sorted(recipe.presets), default=None,
                        help="start from a named set of flag values; flags given explicitly override it. " +
                             "; ".join(f"{name}: {format_preset(values)}" for name, values in sorted(recipe.presets.items())))
     for title, flags in recipe.flag_groups():
         if flags:
-            g = p.add_argument_group(title)
+            g = p.add_flag_group(title)
             for flag, kwargs in flags:
                 g.add_argument(flag, **kwargs)
     add_device_args(p)
-    g = p.add_argument_group("outputs and checkpoints")
-    g.add_argument("--out", default=None, metavar="DIR",
+    g = p.add_flag_group("outputs and checkpoints")
+    g.add_argument("--out", default=None, metavar="DIR", resumable=True,
                    help=f"output folder (default: runs/{recipe.name}-<timestamp>, or the checkpoint's folder on --resume)")
-    g.add_argument("--overwrite", action="store_true",
+    g.add_argument("--overwrite", action="store_true", resumable=True,
                    help="replace the run that --out already holds (its checkpoints, metrics and range test); with "
                         "--eval-only, write into an --out that is not empty")
-    g.add_argument("--save-every", type=positive_int, default=1, metavar="N",
+    g.add_argument("--save-every", type=positive_int, default=1, metavar="N", resumable=True,
                    help="write last.pt after every Nth epoch and the last (best.pt whenever the run improves); "
                         "an interrupted run resumes from the last one written")
-    g.add_argument("--resume", default=None, metavar="PATH",
+    g.add_argument("--resume", default=None, metavar="PATH", resumable=True,
                    help="continue from a last.pt or best.pt, in its folder unless --out is given")
-    g.add_argument("--eval-only", action="store_true",
+    g.add_argument("--eval-only", action="store_true", resumable=True,
                    help="with --resume: evaluate the checkpoint on --data's test split and write eval.json and its "
                         "figures to --out (default: a new eval-<timestamp> folder beside the checkpoint)")
     g.add_argument("--eval-split", choices=("test", "val"), default="test",
@@ -213,23 +272,12 @@ def build_train_parser(recipe):
     return p
 
 
-_UNSET = object()
-
-
-def given_flags(parser, argv):
-    """The dests of the flags typed in ``argv``: argparse fills in a default only where the
-    namespace has no value, so a namespace holding a marker for every dest keeps the marker
-    wherever a flag was not given."""
-    marked = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
-    argparse.ArgumentParser.parse_known_args(parser, argv, marked)
-    return frozenset(dest for dest, value in vars(marked).items() if value is not _UNSET)
-
-
 def run_cli(entry, argv, parser):
-    """Parse ``argv`` and run ``entry(args)``, turning UserError into one line on stderr."""
-    args = parser.parse_args(argv)
+    """Parse ``argv`` and run ``entry(args, given)`` (``given``: the dests of the flags typed),
+    turning UserError into one line on stderr."""
+    args, given = parser.parse_with_given(argv)
     try:
-        return entry(args) or 0
+        return entry(args, given) or 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -244,7 +292,7 @@ def build_range_test_parser():
                                    "bounds to use.")
     p.add_argument("--model", choices=sorted(RECIPES), default="resnet", help="which train script's model")
     add_data_args(p)
-    g = p.add_argument_group("range test")
+    g = p.add_flag_group("range test")
     g.add_argument("--batch-size", type=positive_int, default=None, help="default: the train script's")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None, help="default: the train script's")
     g.add_argument("--weight-decay", type=non_negative_float, default=None, help="default: the train script's")

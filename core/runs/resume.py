@@ -7,15 +7,23 @@ but not bit for bit (cuDNN's autotuned algorithms and atomic-add kernels vary fr
 """
 
 import argparse
+import dataclasses
 
 import torch
 
 from ..errors import UserError
 
-# Flags that say where and how to run, not what to train: on --resume they come from the
-# command line; everything else comes from the checkpoint, so the run continues unchanged.
-RUN_PLACE_FLAGS = frozenset({"data", "cache_dir", "out", "overwrite", "device", "no_progress", "resume", "eval_only",
-                             "compile", "save_every"})
+
+@dataclasses.dataclass(frozen=True)
+class CommandLine:
+    """The command line that started this process: its ``text`` (metrics.json keeps it, so a run
+    can be repeated), the dests of the flags typed on it (``given``), and those of the flags that
+    say where and how to run (``resumable``, as the parser marks them): on --resume these come
+    from the command line, every other flag from the checkpoint, so the run goes on unchanged."""
+
+    text: str
+    given: frozenset = frozenset()
+    resumable: frozenset = frozenset()
 
 
 def _spelled(dest, value):
@@ -25,11 +33,12 @@ def _spelled(dest, value):
     return f"{flag} {value}"
 
 
-def refuse_changed_flags(given, args, saved, path):
-    """A resume continues the run that stopped, so a training flag given now (``given``: the
-    flags typed on this command line) must equal the checkpoint's, or the run is refused in one
-    line that names each: nothing would say that the value was dropped."""
-    changed = sorted(dest for dest in given - RUN_PLACE_FLAGS if dest in saved and saved[dest] != getattr(args, dest))
+def refuse_changed_flags(command_line, args, saved, path):
+    """A resume continues the run that stopped, so a training flag typed now must equal the
+    checkpoint's, or the run is refused in one line that names each: nothing would say that the
+    value was dropped."""
+    typed = command_line.given - command_line.resumable
+    changed = sorted(dest for dest in typed if dest in saved and saved[dest] != getattr(args, dest))
     if changed:
         listed = "; ".join(f"{_spelled(d, getattr(args, d))} (the run has {_spelled(d, saved[d])})" for d in changed)
         raise UserError(f"--resume continues {path} as it started: {listed}. A run's training flags cannot change "
@@ -37,12 +46,12 @@ def refuse_changed_flags(given, args, saved, path):
                         f"by theirs): drop them, or start a new run with them")
 
 
-def merge_resume_flags(args, saved):
-    """The flags of a resumed run: the checkpoint's ``saved`` flags, with the run-place flags
+def merge_resume_flags(args, saved, resumable):
+    """The flags of a resumed run: the checkpoint's ``saved`` flags, with the ``resumable`` ones
     given on this command line laid over them. --out is this command line's alone: without it a
     resume writes beside its checkpoint, never into the folder the run was started in. A flag
     newer than the checkpoint takes this command line's value, which is its default unless given."""
-    merged = {key: value if key in RUN_PLACE_FLAGS and value is not None else saved.get(key, value)
+    merged = {key: value if key in resumable and value is not None else saved.get(key, value)
               for key, value in vars(args).items()}
     merged["out"] = args.out
     return argparse.Namespace(**merged)

@@ -48,28 +48,27 @@ def print_summary(run, recipe, out):
         atomic_write_text(out / f"{recipe.model_table_name}.txt", run.model_table + "\n")
 
 
-def run_training(recipe, args, command, given=frozenset()):
-    """``command``: the command line that started this process, kept in metrics.json so a run can be
-    repeated; a resumed run keeps the one that started it and lists the resumes after it.
-    ``given``: the flags typed on that command line, which a resume must not contradict."""
+def run_training(recipe, args, command_line):
+    """``command_line``: the ``CommandLine`` that started this process; a resumed run keeps the
+    one that started it in metrics.json and lists the resumes after it."""
     validate(args)
     if args.eval_only:
         return evaluate_checkpoint(recipe, args)
     if args.runs > 1:
-        return run_many(recipe, args, command, given)
+        return run_many(recipe, args, command_line)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, recipe.name, purpose="resume")
-        refuse_changed_flags(given, args, ckpt["args"], args.resume)
-        args = merge_resume_flags(args, ckpt["args"])
+        refuse_changed_flags(command_line, args, ckpt["args"], args.resume)
+        args = merge_resume_flags(args, ckpt["args"], command_line.resumable)
         validate(args)
-    refuse_contradictions(args, given)
+    refuse_contradictions(args, command_line.given)
     out = run_folder(recipe, args)
     check_run_folder(out, args, ckpt, recipe.script)
     with deterministic_algorithms(args.deterministic):
         run = BuiltRun(recipe, args)
         with claimed_run_folder(out, args, ckpt):
-            return train(recipe, args, command, run, out, ckpt)
+            return train(recipe, args, command_line.text, run, out, ckpt)
 
 
 @dataclasses.dataclass
@@ -236,7 +235,7 @@ def train(recipe, args, command, run, out, ckpt):
     return 0
 
 
-def run_many(recipe, args, command, given):
+def run_many(recipe, args, command_line):
     """--runs N: N independent runs with consecutive seeds, and the spread of their accuracy."""
     base = Path(args.out) if args.out else default_out(recipe)
     if (base / "runs.json").exists() and not args.overwrite:
@@ -246,7 +245,7 @@ def run_many(recipe, args, command, given):
     for i in range(args.runs):
         run_args = type(args)(**{**vars(args), "runs": 1, "seed": args.seed + i, "out": str(base / f"seed{args.seed + i}")})
         print(f"=== run {i + 1}/{args.runs}, seed {run_args.seed} ===")
-        code = run_training(recipe, run_args, command, given)
+        code = run_training(recipe, run_args, command_line)
         if code:
             return code
         with open(Path(run_args.out) / "metrics.json") as f:

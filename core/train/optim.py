@@ -45,9 +45,14 @@ def param_groups(model, weight_decay, bias_lr_scale=1.0, decay_exempt="none"):
             for (lr_scale, decay), params in groups.items()]
 
 
+# SGD's momentum, as every assignment and Page's ResNet-9 train with it (one-cycle's
+# --cycle-momentum moves it in step with the LR instead).
+SGD_MOMENTUM = 0.9
+SGD_NESTEROV = True
 # --optimizer's choices: Adam adds the weight decay to the gradient (L2), AdamW to the step
 # (decoupled, so it does not pass through Adam's per-parameter scaling).
-OPTIMIZERS = {"sgd": "SGD with Nesterov momentum 0.9", "adam": "Adam (weight decay as L2)",
+OPTIMIZERS = {"sgd": f"SGD with {'Nesterov ' if SGD_NESTEROV else ''}momentum {SGD_MOMENTUM:g}",
+              "adam": "Adam (weight decay as L2)",
               "adamw": "AdamW (decoupled weight decay)"}
 
 
@@ -57,7 +62,7 @@ def make_optimizer(name, model, lr, weight_decay, bias_lr_scale=1.0, decay_exemp
     groups = param_groups(model, weight_decay, bias_lr_scale, decay_exempt)
     extra = {"fused": True} if fused else {}
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, **extra)
+        return torch.optim.SGD(groups, lr=lr, momentum=SGD_MOMENTUM, nesterov=SGD_NESTEROV, **extra)
     return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(groups, lr=lr, **extra)
 
 
