@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -229,10 +230,14 @@ def test_eval_only_on_a_test_only_folder(full_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys):
+    """Where the loss first overflows depends on the CPU's kernels: the checkpoint left must hold
+    the last epoch that ended with a finite loss, and every epoch recorded must have ended so."""
     code = train_resnet.main(tiny(data, tmp_path, "--lr-max", "1e12", "--lr-min", "1e11", "--amp", "off"))
     assert code == 1
     assert "loss became" in one_error_line(capsys)
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 0
+    finished = metrics(tmp_path)["history"] if (tmp_path / "metrics.json").exists() else []
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == len(finished) < 3
+    assert all(math.isfinite(h["train_loss"]) for h in finished)
 
 
 @pytest.mark.parametrize("flags", [["--epochs", "0"], ["--batch-size", "-4"], ["--lr-max", "-0.1"], ["--lr-max", "0"],
