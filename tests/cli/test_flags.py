@@ -16,7 +16,7 @@ from core.flags import (
     positive_int,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def options(parser):

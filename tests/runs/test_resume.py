@@ -28,7 +28,7 @@ from tests.conftest import (
     write_batches,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HISTORY = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
 
 

@@ -13,7 +13,7 @@ from core.cli.parsers import build_range_test_parser, build_train_parser
 from core.train.recipes import RECIPES
 from tests.conftest import write_image_folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import gpu_check  # noqa: E402
 import profile_step  # noqa: E402
