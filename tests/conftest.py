@@ -51,6 +51,36 @@ def write_image_folder(root, n_train=100, n_test=50, ext="png", classes=CLASSES,
     return root
 
 
+@pytest.fixture(scope="session")
+def cifar(tmp_path_factory):
+    """The synthetic CIFAR-10 of the end-to-end tests, in the official batch format: ``cifar(n_train,
+    n_test)`` writes each size once a session, for the tests to read and never to change."""
+    written = {}
+
+    def of_size(n_train, n_test):
+        if (n_train, n_test) not in written:
+            folder = tmp_path_factory.mktemp(f"cifar{n_train}-{n_test}") / "cifar-10-batches-py"
+            written[n_train, n_test] = write_batches(folder, n_train=n_train, n_test=n_test)
+        return written[n_train, n_test]
+
+    return of_size
+
+
+@pytest.fixture(scope="module")
+def data(cifar):
+    """200 training and 100 test images: what most end-to-end tests train on."""
+    return cifar(200, 100)
+
+
+def tiny_run(data, out, *extra, epochs=2, lr=(), device="cpu"):
+    """A train script's command line for a tiny seeded run on ``data``: batch 50, no cache, plain
+    log lines; ``lr`` (max and min) makes it peak after the first epoch; ``extra`` comes last, so
+    a flag given there wins."""
+    schedule = ["--max-at-epoch", "1", "--lr-max", str(lr[0]), "--lr-min", str(lr[1])] if lr else []
+    return ["--data", str(data), "--out", str(out), "--epochs", str(epochs), "--batch-size", "50", *schedule,
+            "--device", device, "--cache-dir", "none", "--no-progress", "--seed", "0", *extra]
+
+
 @pytest.fixture
 def batches_dir(tmp_path):
     return write_batches(tmp_path / "official" / "cifar-10-batches-py").parent

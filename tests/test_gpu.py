@@ -18,7 +18,7 @@ from core.train.ema import WeightEMA
 from core.train.engine import evaluate, train_step
 from core.train.inference import load_trained
 from core.train.optim import make_optimizer
-from tests.conftest import ctrl_c_in_second_epoch, epoch_figures, write_batches
+from tests.conftest import ctrl_c_in_second_epoch, epoch_figures, tiny_run
 
 
 def _present(name):
@@ -33,14 +33,12 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=200, n_test=110)
+def data(cifar):
+    return cifar(200, 110)
 
 
 def tiny(data, out, device, *extra, epochs=3):
-    return ["--data", str(data), "--out", str(out), "--epochs", str(epochs), "--batch-size", "50",
-            "--max-at-epoch", "1", "--lr-max", "0.01", "--lr-min", "0.001", "--device", device, "--cache-dir", "none",
-            "--no-progress", "--seed", "0", *extra]
+    return tiny_run(data, out, *extra, epochs=epochs, lr=(0.01, 0.001), device=device)
 
 
 def split(n=64, seed=0):

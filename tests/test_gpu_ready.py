@@ -2,6 +2,7 @@
 compile count, the mixed-precision checks per device, determinism, and one serialization per
 checkpoint save."""
 
+import functools
 import os
 
 import numpy as np
@@ -25,20 +26,17 @@ from core.train import loop
 from core.train.engine import train_epoch
 from core.train.optim import fused_on, make_optimizer
 from core.train.schedule import one_cycle_for_recipe
-from tests.conftest import ctrl_c_in_second_epoch, epoch_figures, metrics, write_batches
+from tests.conftest import ctrl_c_in_second_epoch, epoch_figures, metrics, tiny_run
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=200, n_test=110)
+def data(cifar):
+    return cifar(200, 110)
 
 
-def tiny(data, out, *extra, epochs=2):
-    return ["--data", str(data), "--out", str(out), "--epochs", str(epochs), "--batch-size", "50",
-            "--max-at-epoch", "1", "--lr-max", "0.01", "--lr-min", "0.001", "--device", "cpu", "--cache-dir", "none",
-            "--no-progress", "--seed", "0", *extra]
+tiny = functools.partial(tiny_run, lr=(0.01, 0.001))
 
 
 def host_reads_in_an_fp16_epoch(fused, steps, monkeypatch):

@@ -2,6 +2,7 @@
 without --overwrite, contradictory or foreign inputs and sizes that cannot be built are refused
 in one line, and long work shows progress."""
 
+import functools
 import hashlib
 import json
 import shutil
@@ -16,17 +17,9 @@ from core.data.dataset import load_dataset
 from core.errors import UserError
 from core.train import setup
 from core.train.lr_finder import lr_schedule
-from tests.conftest import one_error_line, write_batches, write_image_folder
+from tests.conftest import one_error_line, tiny_run, write_image_folder
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=200, n_test=100)
-
-
-def tiny(data, out, *extra):
-    return ["--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "50", "--device", "cpu",
-            "--cache-dir", "none", "--no-progress", *extra]
+tiny = functools.partial(tiny_run, epochs=1)
 
 
 @pytest.fixture(scope="module")

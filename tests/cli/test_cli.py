@@ -1,5 +1,6 @@
 """train_resnet.py end to end on tiny synthetic data: outputs, exact resume, evaluation, refusals."""
 
+import functools
 import inspect
 import json
 import math
@@ -22,7 +23,7 @@ from tests.conftest import (
     ctrl_c_in_second_epoch,
     metrics,
     one_error_line,
-    write_batches,
+    tiny_run,
     write_image_folder,
 )
 
@@ -30,14 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=100, n_test=50)
+def data(cifar):
+    return cifar(100, 50)
 
 
-def tiny(data, out, *extra):
-    return ["--data", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "50",
-            "--max-at-epoch", "1", "--lr-max", "0.05", "--lr-min", "0.005", "--device", "cpu",
-            "--cache-dir", "none", "--no-progress", "--seed", "0", *extra]
+tiny = functools.partial(tiny_run, epochs=3, lr=(0.05, 0.005))
 
 
 def training_figures(m):

@@ -14,14 +14,9 @@ import train_resnet
 import train_ultimus
 from core.report.error_report import confusion_matrix, per_class_accuracy
 from core.train.inference import load_trained, prepare, read_image
-from tests.conftest import metrics, one_error_line, synthetic_images, write_batches
+from tests.conftest import metrics, one_error_line, synthetic_images
 
 SCRIPTS = {"resnet": train_resnet, "dilated": train_dilated, "ultimus": train_ultimus}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=200, n_test=100)
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,6 @@ import train_ultimus
 from core.cli import commands
 from core.cli.parsers import build_train_parser
 from core.train.recipes import RECIPES
-from tests.conftest import write_batches
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=200, n_test=100)
 
 
 def common(data, out):

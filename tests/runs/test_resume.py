@@ -1,6 +1,7 @@
 """What a run derives from its flags stays out of them, what a resume takes from where, and the
 LR bounds of --lr-max find: found once, kept beside the flags, resumed without a new sweep."""
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -25,7 +26,7 @@ from tests.conftest import (
     ctrl_c_in_second_epoch,
     metrics,
     one_error_line,
-    write_batches,
+    tiny_run,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,13 +34,11 @@ HISTORY = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=100, n_test=50)
+def data(cifar):
+    return cifar(100, 50)
 
 
-def tiny(data, out, *extra):
-    return ["--data", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "50", "--device", "cpu",
-            "--cache-dir", "none", "--no-progress", "--seed", "0", *extra]
+tiny = functools.partial(tiny_run, epochs=3)
 
 
 def history(out):

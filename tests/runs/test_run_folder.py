@@ -21,28 +21,20 @@ from tests.conftest import (
     ctrl_c_in_second_epoch,
     metrics,
     one_error_line,
-    write_batches,
+    tiny_run,
     write_image_folder,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=200, n_test=100)
-
-
-def tiny(data, out, *extra, epochs=2):
-    return ["--data", str(data), "--out", str(out), "--epochs", str(epochs), "--batch-size", "50", "--device", "cpu",
-            "--cache-dir", "none", "--no-progress", "--seed", "0", *extra]
 
 
 @pytest.fixture(scope="module")
 def finished(data, tmp_path_factory):
     """A 2-epoch run, left alone by the tests (they copy it)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert train_ultimus.main(tiny(data, out)) == 0
+    assert train_ultimus.main(tiny_run(data, out)) == 0
     return out
 
 
@@ -51,7 +43,7 @@ def test_a_moved_run_resumes_in_its_new_folder_and_never_recreates_the_old_one(d
     """Started with --out A and moved to B: the checkpoint still records A, but B is where it is."""
     a, b = tmp_path / "A", tmp_path / "B"
     with ctrl_c_in_second_epoch(monkeypatch):
-        assert train_ultimus.main(tiny(data, a, epochs=3)) == 130
+        assert train_ultimus.main(tiny_run(data, a, epochs=3)) == 130
     a.rename(b)
     assert load_checkpoint(b / "last.pt")["args"]["out"] == str(a)
     assert train_ultimus.main(["--resume", str(b / "last.pt"), "--epochs", "3", "--no-progress"]) == 0
@@ -64,12 +56,12 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_unless_told(data, fini
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     before = (out / "last.pt").read_bytes()
-    assert train_ultimus.main(tiny(data, out)) == 1
+    assert train_ultimus.main(tiny_run(data, out)) == 1
     line = one_error_line(capsys)
     assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
     assert (out / "last.pt").read_bytes() == before
     (out / "eval.json").write_text("{}")  # what the replaced run left that this one would not rewrite
-    assert train_ultimus.main(tiny(data, out, "--overwrite", "--seed", "1")) == 0
+    assert train_ultimus.main(tiny_run(data, out, "--overwrite", "--seed", "1")) == 0
     assert "--overwrite: replacing the run in" in capsys.readouterr().out
     assert not (out / "eval.json").exists() and metrics(out)["flags"]["seed"] == 1
 
@@ -91,7 +83,7 @@ def test_a_resume_refuses_training_flags_that_differ_and_takes_those_that_agree(
 def test_resuming_an_older_checkpoint_into_its_folder_is_refused(data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     with ctrl_c_in_second_epoch(monkeypatch):
-        assert train_ultimus.main(tiny(data, out, epochs=3)) == 130
+        assert train_ultimus.main(tiny_run(data, out, epochs=3)) == 130
     shutil.copy(out / "last.pt", out / "older.pt")  # as best.pt is, once last.pt has moved on
     assert train_ultimus.main(["--resume", str(out / "last.pt"), "--no-progress"]) == 0
     capsys.readouterr()
@@ -113,12 +105,12 @@ def test_a_second_run_into_a_folder_another_live_run_holds_is_refused(data, tmp_
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / outputs.LOCK_NAME).write_text(str(holder.pid))
-        assert train_ultimus.main(tiny(data, out)) == 1
+        assert train_ultimus.main(tiny_run(data, out)) == 1
         assert f"another run (process {holder.pid}) is writing into" in one_error_line(capsys)
     finally:
         holder.kill()
         holder.wait()
-    assert train_ultimus.main(tiny(data, out)) == 0, "a dead holder's lock is taken over"
+    assert train_ultimus.main(tiny_run(data, out)) == 0, "a dead holder's lock is taken over"
     assert not (out / outputs.LOCK_NAME).exists()
 
 
@@ -130,7 +122,7 @@ def test_temp_files_of_dead_writers_are_removed_and_a_failed_write_leaves_none(d
     leftovers = [out / f"last.pt.tmp{dead.stdout.strip()}", out / f"curves.png.tmp{dead.stdout.strip()}.png"]
     for path in leftovers:
         path.write_bytes(b"half")
-    assert train_ultimus.main(tiny(data, out)) == 0
+    assert train_ultimus.main(tiny_run(data, out)) == 0
     assert not any(p.exists() for p in leftovers)
 
     def full_disk(fd):
@@ -146,7 +138,7 @@ def test_temp_files_of_dead_writers_are_removed_and_a_failed_write_leaves_none(d
 def test_an_out_that_cannot_be_a_folder_gets_one_line(data, tmp_path, capsys, below, expected):
     (tmp_path / "file").write_text("x")
     out = tmp_path.joinpath("file", *below)
-    assert train_ultimus.main(tiny(data, out)) == 1
+    assert train_ultimus.main(tiny_run(data, out)) == 1
     assert expected in one_error_line(capsys)
     assert lr_range_test.main(["--data", str(data), "--out", str(out), "--device", "cpu", "--cache-dir", "none"]) == 1
     assert expected in one_error_line(capsys)
@@ -161,7 +153,7 @@ def test_a_read_only_out_gets_one_line(data, tmp_path, capsys, monkeypatch):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(outputs.tempfile, "TemporaryFile", read_only)
-    assert train_ultimus.main(tiny(data, tmp_path / "out")) == 1
+    assert train_ultimus.main(tiny_run(data, tmp_path / "out")) == 1
     assert "Read-only file system" in one_error_line(capsys)
 
 
@@ -211,7 +203,7 @@ def test_a_checkpoint_missing_a_key_gets_one_line(finished, tmp_path, capsys):
 def test_ctrl_c_names_the_lost_epoch_and_a_resume_command_a_shell_can_paste(data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "a run with spaces"
     with ctrl_c_in_second_epoch(monkeypatch):
-        assert train_ultimus.main(tiny(data, out)) == 130
+        assert train_ultimus.main(tiny_run(data, out)) == 130
     err = capsys.readouterr().err
     assert "after epoch 1 (training since then is lost)" in err
     assert f"python train_ultimus.py --resume '{out / 'last.pt'}'" in err
@@ -224,7 +216,7 @@ def test_ctrl_c_names_the_lost_epoch_and_a_resume_command_a_shell_can_paste(data
 ])
 def test_bad_numbers_get_one_argparse_line(data, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        train_ultimus.main(tiny(data, tmp_path / "out", *flags))
+        train_ultimus.main(tiny_run(data, tmp_path / "out", *flags))
     assert exit_info.value.code == 2 and message in one_error_line(capsys)
 
 
@@ -256,7 +248,7 @@ def test_a_sweep_that_finds_nothing_advises_the_train_scripts_own_flags(data, tm
         raise ValueError("the loss never went down during the sweep")
 
     monkeypatch.setattr(lr_bounds, "suggest_bounds", no_lr)
-    assert train_ultimus.main(tiny(data, tmp_path, "--lr-max", "find")) == 1
+    assert train_ultimus.main(tiny_run(data, tmp_path, "--lr-max", "find")) == 1
     line = one_error_line(capsys)
     assert "--lr-from" in line and "--num-iter" not in line
 
@@ -264,7 +256,7 @@ def test_a_sweep_that_finds_nothing_advises_the_train_scripts_own_flags(data, tm
 @pytest.mark.slow
 def test_torch_saves_nothing_half_written_on_a_failed_checkpoint(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    assert train_ultimus.main(tiny(data, out)) == 0
+    assert train_ultimus.main(tiny_run(data, out)) == 0
     before = (out / "last.pt").read_bytes()
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(UserError):

@@ -1,6 +1,7 @@
 """--val-split: a class-balanced held-out part of the training split, scored every epoch, that
 chooses best.pt; the same images for every seed; never trained on."""
 
+import functools
 import json
 
 import numpy as np
@@ -21,19 +22,16 @@ from tests.conftest import (
     epoch_figures,
     metrics,
     one_error_line,
-    write_batches,
+    tiny_run,
 )
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_batches(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py", n_train=300, n_test=60)
+def data(cifar):
+    return cifar(300, 60)
 
 
-def tiny(data, out, *extra):
-    return ["--data", str(data), "--out", str(out), "--epochs", "4", "--batch-size", "50", "--max-at-epoch", "1",
-            "--lr-max", "0.01", "--lr-min", "0.001", "--device", "cpu", "--cache-dir", "none", "--no-progress",
-            "--seed", "0", *extra]
+tiny = functools.partial(tiny_run, epochs=4, lr=(0.01, 0.001))
 
 
 def test_hold_out_splits_the_images_into_two_disjoint_class_balanced_parts():
