@@ -124,6 +124,15 @@ def epoch_figures(out):
     return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in metrics(out)["history"]]
 
 
+def assert_drawn(path, min_size=(300, 200)):
+    """``path`` is a PNG of at least ``min_size`` pixels with something drawn on it: more than the
+    two colours of an empty axes frame."""
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] >= min_size[0] and im.size[1] >= min_size[1], (path, im.size)
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 16, f"{path} is nearly blank"
+
+
 def one_error_line(capsys):
     """What a refused command printed: exactly one line on stderr, and no traceback."""
     err = capsys.readouterr().err.strip().splitlines()

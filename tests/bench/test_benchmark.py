@@ -26,8 +26,9 @@ def test_benchmark_prints_a_ratio_row_per_model(throughput, tmp_path, capsys):
     assert throughput.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ultimus |")]
     assert len(rows) == 1 and rows[0].split("|")[2].strip() == "ours"
-    ratio = float(rows[0].split("|")[-2].strip().rstrip("x"))
-    assert ratio > 0
+    cells = [cell.strip() for cell in rows[0].split("|")[1:-1]]
+    ours, seed, ratio = float(cells[3]), float(cells[4]), float(cells[5].rstrip("x"))
+    assert ratio == pytest.approx(ours / seed, abs=0.006), "the ratio is ours over the seed pipeline's, as printed"
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ def test_unfitted_layer_is_a_plain_conv_with_conv2d_initialization():
 def test_whitened_resnet_keeps_the_parameter_count_and_saves_the_basis():
     plain, whitened = MODELS["resnet"](), MODELS["resnet"](whiten=True)
     count = sum(p.numel() for p in whitened.parameters())
-    assert count == sum(p.numel() for p in plain.parameters()) == 6_573_130
+    assert count == sum(p.numel() for p in plain.parameters())
     assert isinstance(whitened.prep[0], WhitenedConv2d) and type(plain.prep[0]) is nn.Conv2d
     assert set(whitened.state_dict()) - set(plain.state_dict()) == {"prep.0.basis"}
     assert whitened(torch.randn(2, 3, 32, 32)).shape == (2, 10)
