@@ -49,7 +49,7 @@ def test_range_test_cli_writes_a_geometric_sweep_and_bounds(data, tmp_path, caps
     (["--optimizer", "adam", "--method", "steepest"], "steepest", "lr_max/1000"),
 ])
 def test_range_test_reads_by_the_optimizer_unless_told(data, tmp_path, extra, method, lr_min_method):
-    args = ["--model", "resnet", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "12", *extra]
+    args = ["--model", "ultimus", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "12", *extra]
     assert lr_range_test.main(args) == 0
     record = read(tmp_path / "lr_finder.json")
     assert (record["method"], record["lr_min_method"]) == (method, lr_min_method)
