@@ -18,10 +18,6 @@ REPLACED_FILES = ("last.pt", "best.pt", "metrics.json", "metrics.csv", "lr_finde
 RANGE_TEST_FILES = ("lr_finder.json", "lr_finder.png")
 
 
-def default_out(recipe):
-    return Path(f"runs/{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}")
-
-
 def run_folder(recipe, args):
     """--out; else, on a resume, the folder the checkpoint lies in (not the one it was trained in:
     a copy resumes as a copy); else a new folder under runs/."""
@@ -37,6 +33,11 @@ def new_folder(parent, prefix):
     while path.exists():
         path, k = parent / f"{stamp}-{k}", k + 1
     return path
+
+
+def default_out(recipe):
+    """A new runs/<model>-<timestamp> folder: two runs started in the same second get two."""
+    return new_folder(Path("runs"), recipe.name)
 
 
 def eval_folder(args):
