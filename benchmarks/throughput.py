@@ -20,13 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.cli.parsers import ArgumentParser, add_cache_arg, add_progress_arg, run_cli  # noqa: E402
 from core.data.loader import DeviceLoader, channel_stats  # noqa: E402
-from core.device import (  # noqa: E402
-    autotune_convolutions,
-    keep_freed_memory,
-    make_scaler,
-    pick_amp,
-    pick_device,
-)
+from core.device import autotune_convolutions, keep_freed_memory, make_scaler, pick_amp, pick_device  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.flags import positive_int  # noqa: E402
 from core.models import MODELS  # noqa: E402

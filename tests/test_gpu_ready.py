@@ -13,13 +13,7 @@ from torch import nn
 import train_ultimus
 from core.data.dataset import Split
 from core.data.loader import DeviceLoader
-from core.device import (
-    autotune_convolutions,
-    check_amp_support,
-    deterministic_algorithms,
-    pick_amp,
-    torch_release,
-)
+from core.device import autotune_convolutions, check_amp_support, deterministic_algorithms, pick_amp, torch_release
 from core.errors import UserError
 from core.runs import checkpoint
 from core.train import loop

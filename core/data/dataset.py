@@ -22,14 +22,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..runs.outputs import temp_path
-from .sources import (
-    ARCHIVE_SUFFIXES,
-    BATCHES_DIR,
-    Dataset,
-    Split,
-    load_archive,
-    load_folder,
-)
+from .sources import ARCHIVE_SUFFIXES, BATCHES_DIR, Dataset, Split, load_archive, load_folder
 
 OFFICIAL_ARCHIVE = "cifar-10-python.tar.gz"
 DEFAULT_CACHE = Path(os.environ.get("CIFAR_TOOLKIT_CACHE", Path.home() / ".cache" / "cifar-toolkit"))
@@ -87,9 +80,7 @@ def _official_archive(folder):
     archive = folder / OFFICIAL_ARCHIVE
     if not folder.is_dir() or (folder / BATCHES_DIR).exists() or not archive.is_file():
         return None
-    from torchvision.datasets import (
-        CIFAR10,  # lazy: torchvision pulls in much that training never uses
-    )
+    from torchvision.datasets import CIFAR10  # lazy: torchvision pulls in much that training never uses
 
     digest = hashlib.md5()
     with open(archive, "rb") as f:

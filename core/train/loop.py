@@ -17,23 +17,11 @@ from ..flags import peak_epoch, plain_flags, refuse_contradictions, validate
 from ..report import plots
 from ..report.error_report import write_error_report
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
-from ..runs.folder import (
-    check_run_folder,
-    claimed_run_folder,
-    default_out,
-    resume_command,
-    run_folder,
-)
+from ..runs.folder import check_run_folder, claimed_run_folder, default_out, resume_command, run_folder
 from ..runs.outputs import atomic_write_text, write_history_csv, write_json
 from ..runs.resume import merge_resume_flags, refuse_changed_flags, restore, rng_state
 from .compiled import compile_model
-from .engine import (
-    NonFiniteLoss,
-    evaluate,
-    format_test_line,
-    recalibrate_bn,
-    train_epoch,
-)
+from .engine import NonFiniteLoss, evaluate, format_test_line, recalibrate_bn, train_epoch
 from .eval_only import evaluate_checkpoint
 from .lr_bounds import checkpoint_bounds, resolve_lr_bounds
 from .schedule import one_cycle_for_recipe, trace

@@ -6,22 +6,8 @@ Everything else (data, engine, outputs, CLI flags) is shared, so a script is a r
 import inspect
 from dataclasses import dataclass, field
 
-from ..data.augment import (
-    coarse_dropout,
-    cutout,
-    hflip,
-    random_crop,
-    shift_scale_rotate,
-    to_gray,
-)
-from ..flags import (
-    below_one,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    probability,
-)
+from ..data.augment import coarse_dropout, cutout, hflip, random_crop, shift_scale_rotate, to_gray
+from ..flags import below_one, non_negative_float, non_negative_int, positive_float, positive_int, probability
 from ..models import MODELS
 from ..models.dilated import ACTIVATIONS, C4_SIZES, FULL_CONV_COUNTS, SKIPS
 from ..models.ultimus import INITS

@@ -20,14 +20,7 @@ from core.runs.checkpoint import load_checkpoint, save_checkpoint
 from core.train import loop
 from core.train.optim import OPTIMIZERS
 from core.train.recipes import RECIPES
-from tests.conftest import (
-    assert_drawn,
-    ctrl_c_in_second_epoch,
-    metrics,
-    one_error_line,
-    tiny_run,
-    write_image_folder,
-)
+from tests.conftest import assert_drawn, ctrl_c_in_second_epoch, metrics, one_error_line, tiny_run, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 # The spec's count is the model test's to check (tests/models/test_models.py); a run reports its own.

@@ -8,13 +8,7 @@ import pytest
 
 from core.cli.flags_doc import flags_markdown
 from core.cli.parsers import script_parsers
-from core.flags import (
-    non_negative_float,
-    non_negative_int,
-    peak_epoch,
-    positive_float,
-    positive_int,
-)
+from core.flags import non_negative_float, non_negative_int, peak_epoch, positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[2]
 

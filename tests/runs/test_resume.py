@@ -14,20 +14,10 @@ from core.cli.flags_doc import flags_markdown
 from core.cli.parsers import build_train_parser, script_parsers
 from core.flags import plain_flags
 from core.runs.checkpoint import load_checkpoint
-from core.runs.resume import (
-    CommandLine,
-    merge_resume_flags,
-    rng_state,
-    set_rng_state,
-)
+from core.runs.resume import CommandLine, merge_resume_flags, rng_state, set_rng_state
 from core.train import loop, lr_bounds
 from core.train.recipes import RECIPES
-from tests.conftest import (
-    ctrl_c_in_second_epoch,
-    metrics,
-    one_error_line,
-    tiny_run,
-)
+from tests.conftest import ctrl_c_in_second_epoch, metrics, one_error_line, tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 HISTORY = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")

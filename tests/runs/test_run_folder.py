@@ -17,13 +17,7 @@ import train_ultimus
 from core.errors import UserError
 from core.runs import outputs
 from core.runs.checkpoint import load_checkpoint, save_checkpoint
-from tests.conftest import (
-    ctrl_c_in_second_epoch,
-    metrics,
-    one_error_line,
-    tiny_run,
-    write_image_folder,
-)
+from tests.conftest import ctrl_c_in_second_epoch, metrics, one_error_line, tiny_run, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 

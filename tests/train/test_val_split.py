@@ -17,13 +17,7 @@ from core.data.subsets import hold_out
 from core.runs.checkpoint import load_checkpoint
 from core.train.recipes import RECIPES
 from core.train.setup import BuiltRun
-from tests.conftest import (
-    ctrl_c_in_second_epoch,
-    epoch_figures,
-    metrics,
-    one_error_line,
-    tiny_run,
-)
+from tests.conftest import ctrl_c_in_second_epoch, epoch_figures, metrics, one_error_line, tiny_run
 
 
 @pytest.fixture(scope="module")
