@@ -4,6 +4,7 @@ parsed flags is ``core.cli.commands``; docs/flags.md is generated from these par
 ``core.cli.flags_doc``."""
 
 import argparse
+import dataclasses
 import sys
 
 from ..errors import UserError
@@ -94,17 +95,22 @@ class ArgumentParser(argparse.ArgumentParser):
         values.update(typed)
         return argparse.Namespace(**values), frozenset(typed)
 
-    def parse_args(self, args=None, namespace=None):
+    def parse_args(self, args=None):
         return self.parse_with_given(args)[0]
 
 
+@dataclasses.dataclass(frozen=True)
 class Flag:
     """One flag as its parser defined it: argparse's action (its names, dest, default, help), the
     ``--help`` group it is listed in, and whether ``--resume`` takes it from the command line."""
 
-    def __init__(self, action, group, resumable):
-        self.action, self.group, self.resumable = action, group, resumable
-        self.dest = action.dest
+    action: argparse.Action
+    group: str
+    resumable: bool
+
+    @property
+    def dest(self):
+        return self.action.dest
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
