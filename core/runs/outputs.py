@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 try:
@@ -22,6 +23,8 @@ from ..errors import UserError
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
                   "epoch_time_s"]
 LOCK_NAME = ".lock"
+# How long a lock that names no process counts as one being written, not as a dead one's.
+NAMELESS_LOCK_GRACE_S = 5.0
 _TEMP_FILE = re.compile(r"\.tmp(\d+)(\.png|\.npz)?$")  # what temp_path names, with a figure's or cache's suffix
 
 
@@ -180,8 +183,18 @@ def _remove_if_stale(lock, folder):
         if holder and holder != os.getpid() and _alive(holder):
             raise UserError(f"another run (process {holder}) is writing into {folder}: wait for it to end, or "
                             f"choose another --out (if no run is writing there, delete {lock})")
+        if not holder and _younger_than(lock, NAMELESS_LOCK_GRACE_S):
+            # A lock without a pid is being written where there are no hard links (_publish_lock)
+            raise UserError(f"another run is starting in {folder}: wait for it, or choose another --out")
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()
+
+
+def _younger_than(path, seconds):
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except FileNotFoundError:
+        return False
 
 
 @contextlib.contextmanager

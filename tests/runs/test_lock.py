@@ -88,3 +88,17 @@ def test_the_lock_holds_its_pid_from_the_moment_it_appears(tmp_path, monkeypatch
     with outputs.claimed(tmp_path):
         pass
     assert seen == [str(os.getpid())]
+
+
+def test_a_lock_without_a_pid_is_one_being_written_until_it_is_old(tmp_path):
+    """Where there are no hard links the pid follows the lock's creation: a fresh empty lock is a
+    run starting, an old one a run that died before it wrote its pid."""
+    lock = tmp_path / outputs.LOCK_NAME
+    lock.write_text("")
+    with pytest.raises(UserError, match="another run is starting"):
+        with outputs.claimed(tmp_path):
+            pass
+    old = time.time() - 2 * outputs.NAMELESS_LOCK_GRACE_S
+    os.utime(lock, (old, old))
+    with outputs.claimed(tmp_path):
+        assert lock.read_text() == str(os.getpid())
