@@ -22,6 +22,7 @@ from ..runs.resume import CommandLine
 from ..train.inference import image_files, load_trained, predict, prepare, read_image, top_k
 from ..train.loop import run_training
 from ..train.lr_bounds import find_bounds
+from ..train.optim import SGD_MOMENTUM, SGD_NESTEROV
 from ..train.recipes import RECIPES
 from ..train.schedule import Cyclic, one_cycle_for_recipe, trace
 from ..train.setup import BuiltRun
@@ -113,7 +114,7 @@ def draw_schedule_examples(out, name, recipe_defaults, train_images=50_000):
     cyclic = Cyclic(sgd, base_lr=1e-3, max_lr=1e-2, step_size_up=500, mode="triangular", cycle_momentum=False)
     lrs, _ = trace(cyclic, 4 * 1000 + 1)
     plots.plot_cyclic_lr(lrs, 1e-3, 1e-2, paths[0], "Triangular cyclic LR (step size 500, 4 cycles)")
-    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9, nesterov=True)
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=SGD_MOMENTUM, nesterov=SGD_NESTEROV)
     d = recipe_defaults
     steps_per_epoch = train_images // d["batch_size"]
     one_cycle = one_cycle_for_recipe(sgd, lr_max=d["lr_max"], lr_min=d["lr_min"], epochs=d["epochs"],

@@ -3,7 +3,7 @@
 ``--data PATH`` may name a folder holding ``cifar-10-batches-py/`` (the official python
 version, downloaded there when missing), that folder itself, an image-folder root with
 ``train/<class>/*`` and ``test/<class>/*``, or a ``.tar``/``.tar.gz``/``.tgz`` of either
-(``core.sources`` reads each).
+(``core.data.sources`` reads each).
 
 Decoding tens of thousands of JPEGs is slow, so decoded splits are cached as ``.npz`` keyed by
 the source's path, sizes and modification times: a second run starts in seconds, and a changed

@@ -200,7 +200,8 @@ def train(recipe, args, command, run, out, ckpt):
                 state = checkpoint_state(recipe, run, args, schedule, scaler, bounds, progress)
                 save_checkpoint(out / ("last.pt" if save_last else "best.pt"), state,
                                 also=[out / "best.pt"] if save_last and is_best else [])
-                saved_epoch = epoch if save_last else saved_epoch
+            if save_last:
+                saved_epoch = epoch
             progress.checkpoint_seconds += time.perf_counter() - save_start
             write_metrics(out, facts, progress)
     except NonFiniteLoss as exc:

@@ -1,4 +1,4 @@
-"""The runner of ``core.lr_finder``'s range test: it sweeps a built run's model and loader,
+"""The runner of ``core.train.lr_finder``'s range test: it sweeps a built run's model and loader,
 keeps what it found (lr_finder.json and .png), and turns the flags into the LR bounds a run
 trains with.
 
