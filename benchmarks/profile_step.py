@@ -93,8 +93,8 @@ def build_parser():
 def main(argv=None):
     own, train_argv = build_parser().parse_known_args(argv)
     recipe = RECIPES[own.model]
-    args = build_train_parser(recipe).parse_args(train_argv)  # the rest: the train script's flags
-    result = {"model": own.model, **profile_steps(BuiltRun(recipe, args), own.steps, top=own.top)}
+    values, _ = build_train_parser(recipe).parse_with_given(train_argv)  # the rest: the train script's flags
+    result = {"model": own.model, **profile_steps(BuiltRun(recipe, recipe.config(values)), own.steps, top=own.top)}
     if own.json:
         print(json.dumps(result))
         return 0

@@ -9,6 +9,7 @@ after a warm-up, data loading included, and print a table with the ratio.
     python benchmarks/throughput.py --data PATH/cifar10-jpeg --device cpu
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,12 +19,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.cli.parsers import ArgumentParser, add_cache_arg, add_progress_arg, run_cli  # noqa: E402
+from core.cli.parsers import ArgumentParser, run_cli  # noqa: E402
 from core.data.loader import DeviceLoader, channel_stats  # noqa: E402
 from core.device import autotune_convolutions, keep_freed_memory, make_scaler, pick_amp, pick_device  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.flags import positive_int  # noqa: E402
 from core.models import MODELS  # noqa: E402
+from core.train.config import DataConfig, RuntimeConfig  # noqa: E402
 from core.train.engine import synchronize, train_step  # noqa: E402
 from core.train.recipes import RECIPES  # noqa: E402
 from core.train.setup import load_data  # noqa: E402
@@ -107,25 +109,27 @@ VARIANTS = {
 
 def build_parser():
     p = ArgumentParser(prog="benchmarks/throughput.py", description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True, help="an image-folder root with train/<class>/ (the seeds' ImageFolder needs one)")
-    add_cache_arg(p)
-    add_progress_arg(p)
-    p.add_argument("--models", nargs="+", default=["resnet"], choices=sorted(RECIPES), help="models to measure")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
-                   help="where both pipelines train; auto takes CUDA, then MPS, then the CPU")
-    p.add_argument("--ablate", action="store_true",
-                   help="also measure ours without channels_last, in fp32, with torch.compile, with foreach or "
-                        "fused SGD, with a host sync every step and with glibc's default malloc, and the seed "
-                        "pipeline with freed memory kept")
-    p.add_argument("--batch-size", type=positive_int, default=512, help="training batch size of both pipelines")
-    p.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps per pipeline")
-    p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the seed pipeline")
+    p.add_flag("options", ["--data"], default=None, required=True,
+               help="an image-folder root with train/<class>/ (the seeds' ImageFolder needs one)")
+    p.add_flag("options", ["--models"], nargs="+", default=["resnet"], choices=sorted(RECIPES), help="models to measure")
+    p.add_flag("options", ["--device"], default="auto", choices=["auto", "cuda", "mps", "cpu"],
+               help="where both pipelines train; auto takes CUDA, then MPS, then the CPU")
+    p.add_flag("options", ["--ablate"], action="store_true", default=False,
+               help="also measure ours without channels_last, in fp32, with torch.compile, with foreach or "
+                    "fused SGD, with a host sync every step and with glibc's default malloc, and the seed "
+                    "pipeline with freed memory kept")
+    p.add_flag("options", ["--batch-size"], type=positive_int, default=512,
+               help="training batch size of both pipelines")
+    p.add_flag("options", ["--steps"], type=positive_int, default=20, help="timed optimizer steps per pipeline")
+    p.add_flag("options", ["--warmup"], type=positive_int, default=3, help="untimed steps first")
+    p.add_flag("options", ["--workers"], type=int, default=2, help="DataLoader workers for the seed pipeline")
+    p.add_part(DataConfig, only=("cache_dir",))
+    p.add_part(RuntimeConfig, only=("no_progress",))
     return p
 
 
 def main(argv=None):
-    return run_cli(lambda args, given: benchmark(args), argv, build_parser())
+    return run_cli(lambda values, given: benchmark(argparse.Namespace(**values)), argv, build_parser())
 
 
 def benchmark(args):
@@ -133,7 +137,7 @@ def benchmark(args):
         raise UserError(f"{args.data} has no train/ folder: the seed pipeline needs an unpacked image folder")
     device = pick_device(args.device)
     autotune_convolutions(device)  # for both pipelines alike
-    ds = load_data(args, need_train=True)
+    ds = load_data(DataConfig(data=args.data, cache_dir=args.cache_dir), need_train=True, progress=not args.no_progress)
     mean, std = channel_stats(ds.train.images)
     rows, seed = [], {}
     # First everything that runs on glibc's default malloc, as the seeds did: keep_freed_memory

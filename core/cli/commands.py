@@ -2,7 +2,6 @@
 lr_range_test.py sweeps the LR for a recipe or draws the schedule examples, and predict.py
 classifies image files."""
 
-import argparse
 import json
 import shlex
 import sys
@@ -13,12 +12,12 @@ import torch
 
 from ..device import deterministic_algorithms, pick_device
 from ..errors import UserError
-from ..flags import plain_flags
 from ..report import plots
 from ..report.gradcam import default_cam_layer, grad_cam
 from ..runs.folder import check_new_or_empty, check_range_test_folder, claimed_folder, new_folder
 from ..runs.outputs import check_folder, make_folder
 from ..runs.resume import CommandLine
+from ..train.config import PredictConfig, RangeTestConfig
 from ..train.inference import image_files, load_trained, predict, prepare, read_image, top_k
 from ..train.loop import run_training
 from ..train.lr_bounds import find_bounds
@@ -35,46 +34,54 @@ def train_main(recipe_name, argv=None):
     typed = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", recipe.script, *typed])
     parser = build_train_parser(recipe)
-    return run_cli(lambda args, given: run_training(recipe, args, CommandLine(command, given, parser.resumable())),
-                   typed, parser)
+
+    def run(values, given):
+        return run_training(recipe, recipe.config(values), CommandLine(command, given, parser.resumable()))
+
+    return run_cli(run, typed, parser)
 
 
 def range_test_main(argv=None):
     """The whole of lr_range_test.py."""
-    return run_cli(lambda args, given: run_range_test(args), argv, build_range_test_parser())
+    return run_cli(lambda values, given: run_range_test(RangeTestConfig.from_flags(values)), argv,
+                   build_range_test_parser())
 
 
-def run_range_test(args):
-    out = Path(args.out) if args.out else new_folder(Path("runs"), f"lr-find-{args.model}")
-    if args.plot_schedules:
-        check_new_or_empty(out, args.overwrite, "--plot-schedules")
+def run_range_test(config):
+    options, sweep_config = config.options, config.sweep
+    out = Path(options.out) if options.out else new_folder(Path("runs"), f"lr-find-{options.model}")
+    if options.plot_schedules:
+        check_new_or_empty(out, options.overwrite, "--plot-schedules")
         with claimed_folder(out):
             for path in draw_schedule_examples(out, "ResNet", RECIPES["resnet"].defaults):
                 print(f"wrote {path}")
         return 0
-    if args.start_lr >= args.end_lr:
-        raise UserError(f"--start-lr {args.start_lr} must be below --end-lr {args.end_lr}")
-    recipe = RECIPES[args.model]
-    script_defaults = vars(build_train_parser(recipe).parse_args([]))
-    train_args = recipe_flags(script_defaults, args)
-    check_range_test_folder(out, args.overwrite)
-    with deterministic_algorithms(train_args.deterministic):
-        return sweep(recipe, args, train_args, script_defaults, out)
+    if sweep_config.start_lr >= sweep_config.end_lr:
+        raise UserError(f"--start-lr {sweep_config.start_lr} must be below --end-lr {sweep_config.end_lr}")
+    recipe = RECIPES[options.model]
+    script_defaults = build_train_parser(recipe).defaults()
+    train_config = recipe.config(recipe_flags(script_defaults, config.flags()))
+    check_range_test_folder(out, options.overwrite)
+    with deterministic_algorithms(config.runtime.deterministic):
+        return sweep(recipe, config, train_config, script_defaults, out)
 
 
-def sweep(recipe, args, train_args, script_defaults, out):
+def sweep(recipe, config, train_config, script_defaults, out):
     """The range test itself, and what it prints: the curve's readings and the command to train with
-    (``script_defaults``: the train script's own flag values, which that command need not spell out)."""
-    run = BuiltRun(recipe, train_args)
+    (``train_config``: the train script's config the sweep builds its run from; ``script_defaults``:
+    the train script's own flag values, which that command need not spell out)."""
+    run = BuiltRun(recipe, train_config)
     print(run.summary)
+    sweep_config, data, training = config.sweep, config.data, train_config.training
     val_loader = run.val_loader  # --val-split's images, where the run holds them
-    if val_loader is None and args.val:
+    if val_loader is None and sweep_config.val:
         val_loader = run.test_loader
     with claimed_folder(out):
         record = find_bounds(run.model, run.optimizer, run.loss_fn, run.train_loader, run.device, run.amp_dtype, out,
-                             start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
-                             model_name=recipe.name, optimizer_name=train_args.optimizer, method=args.method,
-                             val_loader=val_loader, settings=plain_flags(args), progress=not args.no_progress,
+                             start_lr=sweep_config.start_lr, end_lr=sweep_config.end_lr,
+                             num_iter=sweep_config.num_iter, mode=sweep_config.mode, model_name=recipe.name,
+                             optimizer_name=training.optimizer, method=sweep_config.method, val_loader=val_loader,
+                             settings=config.flags(), progress=config.runtime.progress,
                              advice="widen --start-lr/--end-lr or raise --num-iter")
     steps = len(record["lrs"])
     stop = f", stopped at step {record['diverged_at']} as the loss diverged" if record["diverged_at"] is not None else ""
@@ -85,18 +92,18 @@ def sweep(recipe, args, train_args, script_defaults, out):
           f"lr_min {record['lr_min']:.4g} ({record['lr_min_method']})")
     # Every flag that changed the reading, so the run trains as the sweep did, with the bounds
     # given as numbers or as the saved JSON.
-    run_flags = ["--optimizer", train_args.optimizer, "--batch-size", str(train_args.batch_size),
+    run_flags = ["--optimizer", training.optimizer, "--batch-size", str(training.batch_size),
                  "--weight-decay", f"{run.weight_decay:g}"]
-    if train_args.bias_lr_scale != script_defaults["bias_lr_scale"]:
-        run_flags += ["--bias-lr-scale", f"{train_args.bias_lr_scale:g}"]
-    if train_args.decay_exempt != script_defaults["decay_exempt"]:
-        run_flags += ["--decay-exempt", train_args.decay_exempt]
-    if args.data:
-        run_flags += ["--data", args.data]
-    if args.train_subset:
-        run_flags += ["--train-subset", str(args.train_subset)]
-    if args.val_split:
-        run_flags += ["--val-split", str(args.val_split)]
+    if training.bias_lr_scale != script_defaults["bias_lr_scale"]:
+        run_flags += ["--bias-lr-scale", f"{training.bias_lr_scale:g}"]
+    if training.decay_exempt != script_defaults["decay_exempt"]:
+        run_flags += ["--decay-exempt", training.decay_exempt]
+    if data.data:
+        run_flags += ["--data", data.data]
+    if data.train_subset:
+        run_flags += ["--train-subset", str(data.train_subset)]
+    if data.val_split:
+        run_flags += ["--val-split", str(data.val_split)]
     bounds = ["--lr-max", f"{record['lr_max']:.4g}", "--lr-min", f"{record['lr_min']:.4g}"]
     print("Train with:\n  " + shlex.join(["python", recipe.script, *bounds, *run_flags]))
     print(f"(or: {shlex.join(['python', recipe.script, '--lr-from', str(out / 'lr_finder.json'), *run_flags])})")
@@ -127,16 +134,16 @@ def draw_schedule_examples(out, name, recipe_defaults, train_images=50_000):
     return paths
 
 
-def recipe_flags(script_defaults, args):
+def recipe_flags(script_defaults, range_test_flags):
     """The train script's flags (``script_defaults``), with every range-test flag that the train
     script also has laid over them where it was given (None leaves the train script's default)."""
-    given = {key: value for key, value in vars(args).items() if key in script_defaults and value is not None}
-    return argparse.Namespace(**{**script_defaults, **given})
+    given = {key: value for key, value in range_test_flags.items() if key in script_defaults and value is not None}
+    return {**script_defaults, **given}
 
 
 def predict_main(argv=None):
     """The whole of predict.py."""
-    return run_cli(lambda args, given: run_predict(args), argv, build_predict_parser())
+    return run_cli(lambda values, given: run_predict(PredictConfig.from_flags(values)), argv, build_predict_parser())
 
 
 def gradcam_paths(folder, files, overwrite):
@@ -150,30 +157,30 @@ def gradcam_paths(folder, files, overwrite):
     return paths
 
 
-def run_predict(args):
-    files = image_files(args.images)
-    if args.gradcam:
-        check_folder(args.gradcam, "--gradcam")
-        targets = gradcam_paths(args.gradcam, files, args.overwrite)
-    device = pick_device(args.device)
-    model, trained = load_trained(args.checkpoint, device, flag="--checkpoint")
+def run_predict(config):
+    files = image_files(config.images)
+    if config.gradcam:
+        check_folder(config.gradcam, "--gradcam")
+        targets = gradcam_paths(config.gradcam, files, config.overwrite)
+    device = pick_device(config.device)
+    model, trained = load_trained(config.checkpoint, device, flag="--checkpoint")
     images = np.stack([read_image(path) for path in files])
     x = prepare(images, trained, device)
-    probs = torch.cat([predict(model, x[i:i + args.batch_size], tta=args.tta)
-                       for i in range(0, len(x), args.batch_size)])
-    results = [{"path": str(path), "topk": top} for path, top in zip(files, top_k(probs, trained["classes"], args.topk))]
-    if args.json:
+    probs = torch.cat([predict(model, x[i:i + config.batch_size], tta=config.tta)
+                       for i in range(0, len(x), config.batch_size)])
+    results = [{"path": str(path), "topk": top} for path, top in zip(files, top_k(probs, trained["classes"], config.topk))]
+    if config.json:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
             print(f"{result['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in result["topk"]))
-    if args.gradcam:
-        make_folder(args.gradcam)
+    if config.gradcam:
+        make_folder(config.gradcam)
         top = probs.argmax(1)
-        layer, step = default_cam_layer(model), args.batch_size
+        layer, step = default_cam_layer(model), config.batch_size
         cams = torch.cat([grad_cam(model, x[i:i + step], layer, top[i:i + step]) for i in range(0, len(x), step)])
         for i, (path, target) in enumerate(zip(files, targets)):
             plots.plot_image_cam(images[i], cams[i].cpu().numpy(), f"{path.name}: {trained['classes'][top[i]]} "
                                  f"({probs[i, top[i]]:.2f})", target)
-        print(f"Wrote {len(files)} Grad-CAM images to {args.gradcam}")
+        print(f"Wrote {len(files)} Grad-CAM images to {config.gradcam}")
     return 0

@@ -3,7 +3,7 @@
 
 import sys
 
-from .parsers import script_parsers
+from .parsers import DEFAULT_NOTE, script_parsers
 
 
 def _markdown_cell(text):
@@ -37,6 +37,11 @@ def _value_cell(action):
     return _markdown_cell(value)
 
 
+def _help_text(action):
+    """The help as --help prints it, less the default it adds: the page has a column for that."""
+    return (action.help or "").removesuffix(DEFAULT_NOTE)
+
+
 def flags_markdown(parsers):
     """One table per script: each flag's spellings, value, default and --help text; then which
     flags --resume takes from the command line."""
@@ -50,7 +55,7 @@ def flags_markdown(parsers):
             action = flag.action
             names = action.option_strings or [action.metavar or action.dest]  # a positional: its metavar
             lines.append(f"| {', '.join(f'`{o}`' for o in names)} | {_value_cell(action)} "
-                         f"| {_default_cell(action)} | {_markdown_cell(action.help or '')} |")
+                         f"| {_default_cell(action)} | {_markdown_cell(_help_text(action))} |")
         lines.append("")
     return "\n".join(lines + resume_section(parsers))
 

@@ -18,12 +18,12 @@ REPLACED_FILES = ("last.pt", "best.pt", "metrics.json", "metrics.csv", "lr_finde
 RANGE_TEST_FILES = ("lr_finder.json", "lr_finder.png")
 
 
-def run_folder(recipe, args):
+def run_folder(recipe, outputs):
     """--out; else, on a resume, the folder the checkpoint lies in (not the one it was trained in:
     a copy resumes as a copy); else a new folder under runs/."""
-    if args.out:
-        return Path(args.out)
-    return Path(args.resume).parent if args.resume else default_out(recipe)
+    if outputs.out:
+        return Path(outputs.out)
+    return Path(outputs.resume).parent if outputs.resume else default_out(recipe)
 
 
 def new_folder(parent, prefix):
@@ -40,10 +40,10 @@ def default_out(recipe):
     return new_folder(Path("runs"), recipe.name)
 
 
-def eval_folder(args):
+def eval_folder(outputs):
     """--eval-only's folder: --out, else a new eval-<timestamp> folder beside the checkpoint, so
     that scoring a run never replaces the figures the run drew of itself."""
-    return Path(args.out) if args.out else new_folder(Path(args.resume).parent, "eval")
+    return Path(outputs.out) if outputs.out else new_folder(Path(outputs.resume).parent, "eval")
 
 
 def check_new_or_empty(out, overwrite, what):
@@ -71,19 +71,19 @@ def resume_command(script, checkpoint):
     return shlex.join(["python", script, "--resume", str(checkpoint)])
 
 
-def check_run_folder(out, args, ckpt, script):
+def check_run_folder(out, outputs, ckpt, script):
     """Everything that can refuse ``out`` before any work is done (nothing is written)."""
     check_folder(out)
     last = out / "last.pt"
     if ckpt is None:
         held = [name for name in ("last.pt", "metrics.json") if (out / name).exists()]
-        if held and not args.overwrite:
+        if held and not outputs.overwrite:
             raise UserError(f"{out} already holds a run ({', '.join(held)}): continue it with "
                             f"{resume_command(script, last)}, or pass --overwrite to replace it")
-    elif last.exists() and not _same_file(last, args.resume):
+    elif last.exists() and not _same_file(last, outputs.resume):
         there = load_checkpoint(last, purpose="resume")["epoch"]
         if there > ckpt["epoch"]:
-            raise UserError(f"{args.resume} holds epoch {ckpt['epoch']} but {last} is at epoch {there}: resuming "
+            raise UserError(f"{outputs.resume} holds epoch {ckpt['epoch']} but {last} is at epoch {there}: resuming "
                             f"would rewind {out}; resume {last}, or branch off with --out NEW_FOLDER")
 
 
@@ -104,11 +104,11 @@ def claimed_folder(out):
 
 
 @contextlib.contextmanager
-def claimed_run_folder(out, args, ckpt):
+def claimed_run_folder(out, outputs, ckpt):
     """Create ``out`` and hold it for the run; clear what dead processes and, with --overwrite,
     the replaced run left there."""
     with claimed_folder(out):
-        if ckpt is None and args.overwrite:
+        if ckpt is None and outputs.overwrite:
             replaced = [name for name in REPLACED_FILES if (out / name).exists()]
             if replaced:
                 print(f"--overwrite: replacing the run in {out} ({', '.join(replaced)})")

@@ -6,7 +6,6 @@ on CUDA identical under --deterministic, and otherwise with the same data order 
 but not bit for bit (cuDNN's autotuned algorithms and atomic-add kernels vary from run to run).
 """
 
-import argparse
 import dataclasses
 
 import torch
@@ -33,28 +32,29 @@ def _spelled(dest, value):
     return f"{flag} {value}"
 
 
-def refuse_changed_flags(command_line, args, saved, path):
-    """A resume continues the run that stopped, so a training flag typed now must equal the
-    checkpoint's, or the run is refused in one line that names each: nothing would say that the
-    value was dropped."""
+def refuse_changed_flags(command_line, flags, saved, path):
+    """A resume continues the run that stopped, so a training flag typed now (``flags``: this
+    command line's, {dest: value}) must equal the checkpoint's (``saved``), or the run is refused
+    in one line that names each: nothing would say that the value was dropped."""
     typed = command_line.given - command_line.resumable
-    changed = sorted(dest for dest in typed if dest in saved and saved[dest] != getattr(args, dest))
+    changed = sorted(dest for dest in typed if dest in saved and saved[dest] != flags[dest])
     if changed:
-        listed = "; ".join(f"{_spelled(d, getattr(args, d))} (the run has {_spelled(d, saved[d])})" for d in changed)
+        listed = "; ".join(f"{_spelled(d, flags[d])} (the run has {_spelled(d, saved[d])})" for d in changed)
         raise UserError(f"--resume continues {path} as it started: {listed}. A run's training flags cannot change "
                         f"mid-run (the one-cycle schedule is fixed by --epochs and the LR flags, the model and data "
                         f"by theirs): drop them, or start a new run with them")
 
 
-def merge_resume_flags(args, saved, resumable):
-    """The flags of a resumed run: the checkpoint's ``saved`` flags, with the ``resumable`` ones
-    given on this command line laid over them. --out is this command line's alone: without it a
-    resume writes beside its checkpoint, never into the folder the run was started in. A flag
-    newer than the checkpoint takes this command line's value, which is its default unless given."""
+def merge_resume_flags(flags, saved, resumable):
+    """The flags ({dest: value}) of a resumed run: the checkpoint's ``saved`` flags, with the
+    ``resumable`` ones given on this command line (``flags``) laid over them. --out is this command
+    line's alone: without it a resume writes beside its checkpoint, never into the folder the run
+    was started in. A flag newer than the checkpoint takes this command line's value, which is its
+    default unless given."""
     merged = {key: value if key in resumable and value is not None else saved.get(key, value)
-              for key, value in vars(args).items()}
-    merged["out"] = args.out
-    return argparse.Namespace(**merged)
+              for key, value in flags.items()}
+    merged["out"] = flags["out"]
+    return merged
 
 
 def rng_state(order_gen, aug_gen):

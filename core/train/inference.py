@@ -22,7 +22,7 @@ def load_trained(path, device="cpu", model_name=None, live=False, flag="--resume
     scale and every model flag as trained) with the weights the run evaluated (the average, where
     it kept one, unless ``live``), in eval mode on ``device``; ``trained`` holds ``classes`` (in label
     order), ``mean`` and ``std`` (the normalization it trained with), ``recipe`` (its name),
-    ``flags`` and ``weights`` ('ema' or 'model'). ``model_name`` refuses a checkpoint of another model;
+    ``config`` (its ``RunConfig``) and ``weights`` ('ema' or 'model'). ``model_name`` refuses a checkpoint of another model;
     ``flag`` names the flag that gave ``path``."""
     ckpt = load_checkpoint(path, model_name, purpose="evaluate", flag=flag)
     recipe = RECIPES.get(ckpt["model_name"])
@@ -30,8 +30,8 @@ def load_trained(path, device="cpu", model_name=None, live=False, flag="--resume
         raise UserError(f"{path} holds a '{ckpt['model_name']}' model, which this version does not know")
     device = torch.device(device)
     classes = [str(c) for c in ckpt["classes"]]
-    flags = ckpt["args"]
-    model = make_model(recipe, flags, classes, device)
+    config = recipe.config(ckpt["args"])
+    model = make_model(recipe, config.model, classes, device)
     weights = "ema" if ckpt.get("ema") is not None and not live else "model"
     try:
         model.load_state_dict(ckpt[weights])
@@ -39,7 +39,7 @@ def load_trained(path, device="cpu", model_name=None, live=False, flag="--resume
         raise UserError(f"{path} does not fit the '{recipe.name}' model of this version "
                         f"({str(exc).splitlines()[0]})") from None
     return model.eval(), {"classes": classes, "mean": list(ckpt["mean"]), "std": list(ckpt["std"]),
-                          "recipe": recipe.name, "flags": flags, "weights": weights}
+                          "recipe": recipe.name, "config": config, "weights": weights}
 
 
 def image_files(paths):

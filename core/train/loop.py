@@ -13,7 +13,6 @@ import numpy as np
 
 from ..device import deterministic_algorithms, make_scaler
 from ..errors import UserError
-from ..flags import peak_epoch, plain_flags, refuse_contradictions, validate
 from ..report import plots
 from ..report.error_report import write_error_report
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
@@ -21,6 +20,7 @@ from ..runs.folder import check_run_folder, claimed_run_folder, default_out, res
 from ..runs.outputs import atomic_write_text, write_history_csv, write_json
 from ..runs.resume import merge_resume_flags, refuse_changed_flags, restore, rng_state
 from .compiled import compile_model
+from .config import refuse_contradictions
 from .engine import NonFiniteLoss, evaluate, format_test_line, recalibrate_bn, train_epoch
 from .eval_only import evaluate_checkpoint
 from .lr_bounds import checkpoint_bounds, resolve_lr_bounds
@@ -36,27 +36,29 @@ def print_summary(run, recipe, out):
         atomic_write_text(out / f"{recipe.model_table_name}.txt", run.model_table + "\n")
 
 
-def run_training(recipe, args, command_line):
-    """``command_line``: the ``CommandLine`` that started this process; a resumed run keeps the
-    one that started it in metrics.json and lists the resumes after it."""
-    validate(args)
-    if args.eval_only:
-        return evaluate_checkpoint(recipe, args)
-    if args.runs > 1:
-        return run_many(recipe, args, command_line)
+def run_training(recipe, config, command_line):
+    """A run of ``recipe`` as its ``RunConfig`` says. ``command_line``: the ``CommandLine`` that
+    started this process; a resumed run keeps the one that started it in metrics.json and lists
+    the resumes after it."""
+    config.check()
+    if config.outputs.eval_only:
+        return evaluate_checkpoint(recipe, config)
+    if config.training.runs > 1:
+        return run_many(recipe, config, command_line)
     ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, recipe.name, purpose="resume")
-        refuse_changed_flags(command_line, args, ckpt["args"], args.resume)
-        args = merge_resume_flags(args, ckpt["args"], command_line.resumable)
-        validate(args)
-    refuse_contradictions(args, command_line.given)
-    out = run_folder(recipe, args)
-    check_run_folder(out, args, ckpt, recipe.script)
-    with deterministic_algorithms(args.deterministic):
-        run = BuiltRun(recipe, args)
-        with claimed_run_folder(out, args, ckpt):
-            return train(recipe, args, command_line.text, run, out, ckpt)
+    if config.outputs.resume:
+        path = config.outputs.resume
+        ckpt = load_checkpoint(path, recipe.name, purpose="resume")
+        refuse_changed_flags(command_line, config.flags(), ckpt["args"], path)
+        config = recipe.config(merge_resume_flags(config.flags(), ckpt["args"], command_line.resumable))
+        config.check()
+    refuse_contradictions(config.training, command_line.given)
+    out = run_folder(recipe, config.outputs)
+    check_run_folder(out, config.outputs, ckpt, recipe.script)
+    with deterministic_algorithms(config.runtime.deterministic):
+        run = BuiltRun(recipe, config)
+        with claimed_run_folder(out, config.outputs, ckpt):
+            return train(recipe, config, command_line.text, run, out, ckpt)
 
 
 @dataclasses.dataclass
@@ -87,23 +89,23 @@ class Progress:
         return test["acc"] > self.best_test_acc if val is None else val["acc"] > self.best_val_acc
 
 
-def checkpoint_state(recipe, run, args, schedule, scaler, bounds, progress):
+def checkpoint_state(recipe, run, config, schedule, scaler, bounds, progress):
     """Everything a resume needs, as tensors and plain values."""
     return {"model_name": recipe.name, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
             "ema": run.ema.state_dict() if run.ema else None, "rng": rng_state(run.order_gen, run.aug_gen),
-            "args": plain_flags(args), "lr_bounds": bounds.as_dict(), "mean": run.mean, "std": run.std,
+            "args": config.flags(), "lr_bounds": bounds.as_dict(), "mean": run.mean, "std": run.std,
             "classes": list(run.ds.classes), **dataclasses.asdict(progress)}
 
 
-def evaluate_splits(run, eval_model, bn_loader, args, keep_predictions):
+def evaluate_splits(run, eval_model, bn_loader, evaluation, runtime, keep_predictions):
     """The test split's figures, and the validation split's (None without one); with
     --recalibrate-bn the BatchNorm statistics are re-estimated first, on the plain module (a
     compiled one would recompile for the switch to train mode)."""
     if bn_loader is not None:
         recalibrate_bn(run.ema.module if run.ema else run.model, bn_loader, run.device, run.amp_dtype)
-    pad_to = args.eval_batch_size if args.compile else None  # one evaluation shape for a compiled model
-    common = dict(tta=args.tta, tta_shift=args.tta_shift, pad_to=pad_to, progress=not args.no_progress)
+    pad_to = evaluation.eval_batch_size if runtime.compile else None  # one evaluation shape for a compiled model
+    common = dict(tta=evaluation.tta, tta_shift=evaluation.tta_shift, pad_to=pad_to, progress=runtime.progress)
     val = None
     if run.val_loader is not None:
         val = evaluate(eval_model, run.val_loader, run.device, run.amp_dtype, **common)
@@ -112,45 +114,48 @@ def evaluate_splits(run, eval_model, bn_loader, args, keep_predictions):
     return test, val
 
 
-def run_facts(recipe, run, args, bounds):
+def run_facts(recipe, run, config, bounds):
     """What metrics.json says of the run beside its progress: the flags, the LR bounds, the
     weight decay trained with (a resume restores it with the optimizer's state), the device."""
     amp = str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32"
-    return {"model": recipe.name, "flags": plain_flags(args), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
-            "lr_source": bounds.source, "peak_epoch": peak_epoch(args),
+    return {"model": recipe.name, "flags": config.flags(), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
+            "lr_source": bounds.source, "peak_epoch": config.training.peak_epoch,
             "weight_decay": run.optimizer.param_groups[0]["weight_decay"], "params": run.params,
             "device": describe_device(run.device), "amp": amp, "train_images": len(run.train.labels),
             "val_images": len(run.val.labels) if run.val is not None else 0, "test_images": len(run.test.labels),
             "best_by": "val_acc" if run.val is not None else "test_acc", "data_load_s": run.data_load_s}
 
 
-def train(recipe, args, command, run, out, ckpt):
+def train(recipe, config, command, run, out, ckpt):
     """The run itself, in a folder it holds: LR bounds and schedule, then for each epoch train,
     evaluate, log and checkpoint, then the figures and the error report."""
+    training, evaluation, runtime, outputs = config.training, config.evaluation, config.runtime, config.outputs
     print_summary(run, recipe, out)
-    bounds = checkpoint_bounds(ckpt) if ckpt is not None else resolve_lr_bounds(args, run, out, recipe.name)
+    bounds = checkpoint_bounds(ckpt) if ckpt is not None else resolve_lr_bounds(training, run, out, recipe.name,
+                                                                                  config.flags(), runtime.progress)
     print(f"LR bounds: lr_max {bounds.lr_max:.4g}, lr_min {bounds.lr_min:.4g} (from {bounds.source})")
-    schedule = one_cycle_for_recipe(run.optimizer, bounds.lr_max, bounds.lr_min, args.epochs, len(run.train_loader),
-                                    peak_epoch(args), cycle_momentum=args.cycle_momentum)
+    schedule = one_cycle_for_recipe(run.optimizer, bounds.lr_max, bounds.lr_min, training.epochs,
+                                    len(run.train_loader), training.peak_epoch, cycle_momentum=training.cycle_momentum)
     scaler = make_scaler(run.device, run.amp_dtype)
     if ckpt is None:
         progress = Progress(best_val_acc=0.0 if run.val is not None else None)
     else:
-        restore(ckpt, run, schedule, scaler, args.resume)
+        restore(ckpt, run, schedule, scaler, outputs.resume)
         progress = Progress.from_checkpoint(ckpt)
-        print(f"Resuming {args.resume} after epoch {progress.epoch} of {args.epochs}")
+        print(f"Resuming {outputs.resume} after epoch {progress.epoch} of {training.epochs}")
     progress.commands.append(command)
     if ckpt is None:
-        save_checkpoint(out / "last.pt", checkpoint_state(recipe, run, args, schedule, scaler, bounds, progress))
+        save_checkpoint(out / "last.pt", checkpoint_state(recipe, run, config, schedule, scaler, bounds, progress))
 
-    step_model = compile_model(run.model, args.compile) if args.compile else run.model
+    step_model = compile_model(run.model, runtime.compile) if runtime.compile else run.model
     eval_model = step_model
     if run.ema:  # a module of its own, compiled (once, in eval mode) on its own
-        eval_model = compile_model(run.ema.module, args.compile) if args.compile else run.ema.module
+        eval_model = compile_model(run.ema.module, runtime.compile) if runtime.compile else run.ema.module
     bn_loader = None
-    if args.recalibrate_bn:
-        bn_loader = bn_images(args, run.train, len(run.ds.classes), run.device, run.mean, run.std, args.batch_size)
-    facts = run_facts(recipe, run, args, bounds)
+    if evaluation.recalibrate_bn:
+        bn_loader = bn_images(evaluation.recalibrate_bn, run.train, len(run.ds.classes), run.device, run.mean,
+                              run.std, training.batch_size, runtime.channels_last)
+    facts = run_facts(recipe, run, config, bounds)
     held = f"{facts['val_images']} validation / " if run.val is not None else ""
     print(f"Training on {facts['device']} with amp={facts['amp']}, {facts['train_images']} train / {held}"
           f"{facts['test_images']} test images, output in {out}")
@@ -158,29 +163,30 @@ def train(recipe, args, command, run, out, ckpt):
     saved_epoch = progress.epoch  # the epoch last.pt holds
     test = val = None
     try:
-        for epoch in range(first_epoch, args.epochs + 1):
+        for epoch in range(first_epoch, training.epochs + 1):
             lr = run.optimizer.param_groups[0]["lr"]
             print(f"EPOCH: {epoch} (LR: {lr})")
             epoch_start = time.perf_counter()
             run.train_loader.set_epoch(epoch)
             tr = train_epoch(step_model, run.train_loader, run.optimizer, schedule, run.loss_fn, run.device,
-                             run.amp_dtype, scaler, progress=not args.no_progress,
-                             desc=f"epoch {epoch}/{args.epochs}", ema=run.ema)
-            evaluated = epoch % args.eval_every == 0 or epoch == args.epochs
+                             run.amp_dtype, scaler, progress=runtime.progress,
+                             desc=f"epoch {epoch}/{training.epochs}", ema=run.ema)
+            evaluated = epoch % evaluation.eval_every == 0 or epoch == training.epochs
             if evaluated:
                 eval_start = time.perf_counter()
-                test, val = evaluate_splits(run, eval_model, bn_loader, args, keep_predictions=epoch == args.epochs)
+                test, val = evaluate_splits(run, eval_model, bn_loader, evaluation, runtime,
+                                            keep_predictions=epoch == training.epochs)
                 progress.eval_seconds += time.perf_counter() - eval_start
                 if val is not None:
                     print(format_test_line(val, "Validation"))
-                if val is None or epoch == args.epochs:  # a search reads validation lines, not test ones
+                if val is None or epoch == training.epochs:  # a search reads validation lines, not test ones
                     print(format_test_line(test))
-            if args.no_progress or not sys.stderr.isatty():
+            if not runtime.progress or not sys.stderr.isatty():
                 print(f"  train: loss {tr['loss']:.4f}, accuracy {tr['acc']:.2f}%, {tr['seconds']:.1f}s")
             warmup = tr["first_step_s"] if epoch == first_epoch else 0.0
             progress.warmup_seconds += warmup
             progress.train_seconds += tr["seconds"] - warmup
-            progress.train_images += tr["images"] - (args.batch_size if epoch == first_epoch else 0)
+            progress.train_images += tr["images"] - (training.batch_size if epoch == first_epoch else 0)
             progress.history.append({"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
                                      "val_loss": val["loss"] if evaluated and val is not None else None,
                                      "val_acc": val["acc"] if evaluated and val is not None else None,
@@ -195,9 +201,9 @@ def train(recipe, args, command, run, out, ckpt):
             # One serialization a save: best.pt is put in place first, so a kill between the two
             # leaves it no older than last.pt. With --save-every, a new best is still kept.
             save_start = time.perf_counter()
-            save_last = epoch % args.save_every == 0 or epoch == args.epochs
+            save_last = epoch % outputs.save_every == 0 or epoch == training.epochs
             if save_last or is_best:
-                state = checkpoint_state(recipe, run, args, schedule, scaler, bounds, progress)
+                state = checkpoint_state(recipe, run, config, schedule, scaler, bounds, progress)
                 save_checkpoint(out / ("last.pt" if save_last else "best.pt"), state,
                                 also=[out / "best.pt"] if save_last and is_best else [])
             if save_last:
@@ -212,11 +218,11 @@ def train(recipe, args, command, run, out, ckpt):
               f"then is lost); resume with:\n  {resume_command(recipe.script, out / 'last.pt')}", file=sys.stderr)
         return 130
     if test is None:  # resumed from a run that had already finished: nothing was evaluated yet
-        test, _ = evaluate_splits(run, eval_model, bn_loader, args, keep_predictions=True)
+        test, _ = evaluate_splits(run, eval_model, bn_loader, evaluation, runtime, keep_predictions=True)
     plot_training(out, progress, schedule, len(run.train_loader))
     report = write_error_report(out, run.ema.module if run.ema else run.model, run.test,
-                                test["predictions"].numpy(), list(run.ds.classes), run.mean, run.std, tta=args.tta,
-                                tta_shift=args.tta_shift)
+                                test["predictions"].numpy(), list(run.ds.classes), run.mean, run.std,
+                                tta=evaluation.tta, tta_shift=evaluation.tta_shift)
     write_metrics(out, facts, progress, report)
     chosen = f" (epoch {progress.best_epoch}, validation {progress.best_val_acc:.2f}%)" if run.val is not None else ""
     print(f"Best test accuracy {progress.best_test_acc:.2f}%{chosen}, final {progress.history[-1]['test_acc']:.2f}%; "
@@ -224,33 +230,34 @@ def train(recipe, args, command, run, out, ckpt):
     return 0
 
 
-def run_many(recipe, args, command_line):
+def run_many(recipe, config, command_line):
     """--runs N: N independent runs with consecutive seeds, and the spread of their accuracy."""
-    base = Path(args.out) if args.out else default_out(recipe)
-    if (base / "runs.json").exists() and not args.overwrite:
+    runs, seed = config.training.runs, config.runtime.seed
+    base = Path(config.outputs.out) if config.outputs.out else default_out(recipe)
+    if (base / "runs.json").exists() and not config.outputs.overwrite:
         raise UserError(f"{base} already holds the summary of earlier runs (runs.json): choose another --out, or "
                         f"pass --overwrite to replace them")
     finals, bests, final_vals = [], [], []
-    for i in range(args.runs):
-        run_args = type(args)(**{**vars(args), "runs": 1, "seed": args.seed + i, "out": str(base / f"seed{args.seed + i}")})
-        print(f"=== run {i + 1}/{args.runs}, seed {run_args.seed} ===")
-        code = run_training(recipe, run_args, command_line)
+    for i in range(runs):
+        one = config.replace(runs=1, seed=seed + i, out=str(base / f"seed{seed + i}"))
+        print(f"=== run {i + 1}/{runs}, seed {one.runtime.seed} ===")
+        code = run_training(recipe, one, command_line)
         if code:
             return code
-        with open(Path(run_args.out) / "metrics.json") as f:
+        with open(Path(one.outputs.out) / "metrics.json") as f:
             m = json.load(f)
         finals.append(m["final_test_acc"])
         bests.append(m["best_test_acc"])
         final_vals.append(m.get("final_val_acc"))
-    summary = {"runs": args.runs, "seeds": list(range(args.seed, args.seed + args.runs)), "final_test_acc": finals,
+    summary = {"runs": runs, "seeds": list(range(seed, seed + runs)), "final_test_acc": finals,
                "best_test_acc": bests, **accuracy_spread(finals)}
-    if args.val_split:
+    if config.data.val_split:
         summary["final_val_acc"] = final_vals
         summary["val"] = accuracy_spread(final_vals)
-        print(f"Final validation accuracy over {args.runs} runs: {summary['val']['mean']:.2f} ± "
+        print(f"Final validation accuracy over {runs} runs: {summary['val']['mean']:.2f} ± "
               f"{summary['val']['std']:.2f}%")
     write_json(base / "runs.json", summary)
-    print(f"Final test accuracy over {args.runs} runs: {summary['mean']:.2f} ± {summary['std']:.2f}% "
+    print(f"Final test accuracy over {runs} runs: {summary['mean']:.2f} ± {summary['std']:.2f}% "
           f"(min {summary['min']:.2f}, max {summary['max']:.2f}); {base / 'runs.json'}")
     return 0
 

@@ -12,7 +12,6 @@ import json
 import math
 
 from ..errors import UserError
-from ..flags import plain_flags
 from ..report import plots
 from ..runs.outputs import write_json
 from .lr_finder import METHODS, range_test, suggest, suggest_bounds
@@ -31,21 +30,22 @@ class LRBounds:
         return dataclasses.asdict(self)
 
 
-def resolve_lr_bounds(args, run, out, model_name):
-    """The bounds for a new run of ``model_name``: from --lr-from's file, a range test run now
-    (--lr-max find), or --lr-max and --lr-min as given."""
-    if args.lr_from:
-        lr_max, lr_min = load_bounds(args.lr_from, model_name, args.optimizer)
-        return LRBounds(lr_max, lr_min, f"lr_from:{args.lr_from}")
-    if args.lr_max == "find":
+def resolve_lr_bounds(training, run, out, model_name, settings, progress):
+    """The bounds for a new run of ``model_name`` (``training``: its ``TrainingConfig``): from
+    --lr-from's file, a range test run now (--lr-max find, which records ``settings``, the run's
+    flags, and draws a bar with ``progress``), or --lr-max and --lr-min as given."""
+    if training.lr_from:
+        lr_max, lr_min = load_bounds(training.lr_from, model_name, training.optimizer)
+        return LRBounds(lr_max, lr_min, f"lr_from:{training.lr_from}")
+    if training.lr_max == "find":
         record = find_bounds(run.model, run.optimizer, run.loss_fn, run.train_loader, run.device, run.amp_dtype, out,
-                             num_iter=args.num_iter, model_name=model_name, optimizer_name=args.optimizer,
-                             settings=plain_flags(args), progress=not args.no_progress,
+                             num_iter=training.num_iter, model_name=model_name, optimizer_name=training.optimizer,
+                             settings=settings, progress=progress,
                              advice="give --lr-max and --lr-min instead, or read them off lr_range_test.py with a "
                                     "wider --start-lr/--end-lr and pass its lr_finder.json with --lr-from")
         source = f"range test: lr_max by {record['method']}, lr_min {record['lr_min_method']}; see lr_finder.png"
         return LRBounds(record["lr_max"], record["lr_min"], source)
-    return LRBounds(args.lr_max, args.lr_min, "flags")
+    return LRBounds(training.lr_max, training.lr_min, "flags")
 
 
 def checkpoint_bounds(ckpt):

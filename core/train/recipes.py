@@ -12,6 +12,7 @@ from ..models import MODELS
 from ..models.dilated import ACTIVATIONS, C4_SIZES, FULL_CONV_COUNTS, SKIPS
 from ..models.ultimus import INITS
 from ..report.receptive_field import format_rf_table, receptive_field_table
+from .config import RunConfig
 
 # Each pipeline is called as pipeline(x, generator, mean, std, flip) on a batch normalized with
 # the dataset's per-channel pixel-space (0..1) mean and std, which ops such as gray and the mean
@@ -90,11 +91,10 @@ class Recipe:
     def script(self):
         return f"train_{self.name}.py"
 
-    def weight_decay_for(self, flags):
-        """--weight-decay where ``flags`` (a dict such as vars(args)) give it, else the default for
-        their --optimizer."""
-        given = flags.get("weight_decay")
-        return self.weight_decay[flags["optimizer"]] if given is None else given
+    def weight_decay_for(self, training):
+        """--weight-decay where the ``TrainingConfig`` gives it, else the default for its --optimizer."""
+        given = training.weight_decay
+        return self.weight_decay[training.optimizer] if given is None else given
 
     def flag_groups(self):
         """(title, [(flag, argparse keywords)]) for the augmentation's and the model's own flags,
@@ -104,22 +104,14 @@ class Recipe:
             defaults = {name: param.default for name, param in inspect.signature(target).parameters.items()}
             yield title, [(flag, dict(kwargs, default=defaults[_dest(flag)])) for flag, kwargs in flags]
 
-    def model_kwargs(self, values):
-        """The model's constructor keywords out of the flags (a dict such as vars(args))."""
-        return _flag_values(self.model_flags, values)
-
-    def augment_kwargs(self, values):
-        """The augmentation's keywords out of the flags (a dict such as vars(args))."""
-        return _flag_values(self.augment_flags, values)
+    def config(self, values):
+        """The ``RunConfig`` of ``values`` ({dest: value}: the parsed flags, or a checkpoint's)."""
+        return RunConfig.from_flags(values, augment_dests=[_dest(f) for f, _ in self.augment_flags],
+                                    model_dests=[_dest(f) for f, _ in self.model_flags])
 
 
 def _dest(flag):
     return flag.lstrip("-").replace("-", "_")
-
-
-def _flag_values(flags, values):
-    dests = (_dest(flag) for flag, _ in flags)
-    return {d: values[d] for d in dests if d in values}
 
 
 RECIPES = {

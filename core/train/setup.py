@@ -23,23 +23,24 @@ from .ema import WeightEMA
 from .optim import fused_on, make_optimizer
 
 
-def load_data(args, need_train, data=None):
+def load_data(data_config, need_train, progress, data=None):
     """The dataset --data names (``data`` in its place, when given), through the --cache-dir cache;
     without either, the official download in ./data."""
-    data = data or args.data
-    cache = None if args.cache_dir == "none" else (args.cache_dir or DEFAULT_CACHE)
-    if args.cache_dir not in (None, "none"):
-        check_folder(args.cache_dir, "--cache-dir")
-    return load_dataset(data or "./data", need_train=need_train, download=data is None, cache_dir=cache,
-                        progress=not args.no_progress)
+    data = data or data_config.data
+    cache_dir = data_config.cache_dir
+    if cache_dir not in (None, "none"):
+        check_folder(cache_dir, "--cache-dir")
+    return load_dataset(data or "./data", need_train=need_train, download=data is None,
+                        cache_dir=None if cache_dir == "none" else (cache_dir or DEFAULT_CACHE), progress=progress)
 
 
-def pick_runtime(args):
-    """The device and autocast dtype the flags ask for, with the allocator and cuDNN set up for it."""
-    device = pick_device(args.device)
+def pick_runtime(runtime):
+    """The device and autocast dtype the ``RuntimeConfig`` asks for, with the allocator and cuDNN
+    set up for it."""
+    device = pick_device(runtime.device)
     keep_freed_memory(device)
     autotune_convolutions(device)
-    return device, pick_amp(args.amp, device)
+    return device, pick_amp(runtime.amp, device)
 
 
 def describe_device(device):
@@ -66,16 +67,16 @@ def _gib(n_bytes):
     return f"{n_bytes / 2**30:,.1f} GiB"
 
 
-def check_model_fits(recipe, flags, num_classes, device):
+def check_model_fits(recipe, model_kwargs, num_classes, device):
     """Refuse in one line, before anything is allocated, a model that its flags make too large to
     build or to train on ``device``: it is built on the meta device (shapes, no memory), and its
     fp32 weights, their gradients and momentum are held against the device's whole memory, a
     lower bound of what training needs, so nothing that fits is refused."""
-    sizes = ", ".join(f"--{dest.replace('_', '-')} {value}" for dest, value in recipe.model_kwargs(flags).items()
+    sizes = ", ".join(f"--{dest.replace('_', '-')} {value}" for dest, value in model_kwargs.items()
                       if isinstance(value, int) and not isinstance(value, bool))
     try:
         with torch.device("meta"):
-            model = MODELS[recipe.name](num_classes=num_classes, **recipe.model_kwargs(flags))
+            model = MODELS[recipe.name](num_classes=num_classes, **model_kwargs)
     except (RuntimeError, OverflowError, TypeError, ValueError, MemoryError) as exc:
         raise UserError(f"the {recipe.name} model cannot be built with {sizes} ({exc.__class__.__name__}): "
                         f"lower them") from None
@@ -116,68 +117,69 @@ def check_batch_fits(model, device, batch_size):
                         f"activations, more than the {_gib(total)} of {device.type}: lower --batch-size")
 
 
-def make_model(recipe, flags, classes, device):
-    """The recipe's model for ``flags`` (a dict: the parsed flags, or a checkpoint's) with one
-    output per class, on ``device``."""
-    return MODELS[recipe.name](num_classes=len(classes), **recipe.model_kwargs(flags)).to(device)
+def make_model(recipe, model_kwargs, classes, device):
+    """The recipe's model for ``model_kwargs`` (a config's ``model``) with one output per class,
+    on ``device``."""
+    return MODELS[recipe.name](num_classes=len(classes), **model_kwargs).to(device)
 
 
-def plain_batches(args, split, device, mean, std, batch_size=None):
+def plain_batches(split, device, mean, std, batch_size, channels_last):
     """``split`` in order and un-augmented, laid out as the model is: what evaluation and
-    --recalibrate-bn read, in batches of ``batch_size`` (default --eval-batch-size)."""
-    return DeviceLoader(split, device, batch_size or args.eval_batch_size, mean, std, train=False,
-                        channels_last=args.channels_last)
+    --recalibrate-bn read."""
+    return DeviceLoader(split, device, batch_size, mean, std, train=False, channels_last=channels_last)
 
 
-def bn_images(args, train, num_classes, device, mean, std, batch_size):
-    """The un-augmented training images that --recalibrate-bn re-estimates BN statistics on, in
-    batches of ``batch_size``: the training batch size, which the batch statistics depend on."""
-    return plain_batches(args, balanced_split(train, args.recalibrate_bn, num_classes), device, mean, std, batch_size)
+def bn_images(images, train, num_classes, device, mean, std, batch_size, channels_last):
+    """The first ``images`` un-augmented training images (class-balanced) that --recalibrate-bn
+    re-estimates BN statistics on, in batches of ``batch_size``: the training batch size, which
+    the batch statistics depend on."""
+    return plain_batches(balanced_split(train, images, num_classes), device, mean, std, batch_size, channels_last)
 
 
 class BuiltRun:
-    """Everything a training run or a range test builds from the flags, in one place. The order
-    of the steps is part of the result: the model's initialization draws from the seeded torch
-    generator, so building it earlier or later would train other weights."""
+    """Everything a training run or a range test builds from its ``RunConfig``, in one place. The
+    order of the steps is part of the result: the model's initialization draws from the seeded
+    torch generator, so building it earlier or later would train other weights."""
 
-    def __init__(self, recipe, args):
-        self.device, self.amp_dtype = pick_runtime(args)
-        torch.manual_seed(args.seed)
-        self.order_gen = torch.Generator().manual_seed(args.seed)
-        self.aug_gen = torch.Generator(self.device).manual_seed(args.seed + 1)
+    def __init__(self, recipe, config):
+        data, training, runtime = config.data, config.training, config.runtime
+        self.device, self.amp_dtype = pick_runtime(runtime)
+        torch.manual_seed(runtime.seed)
+        self.order_gen = torch.Generator().manual_seed(runtime.seed)
+        self.aug_gen = torch.Generator(self.device).manual_seed(runtime.seed + 1)
         start = time.perf_counter()
-        self.ds = load_data(args, need_train=True)
+        self.ds = load_data(data, need_train=True, progress=runtime.progress)
         self.data_load_s = time.perf_counter() - start
-        self.train, self.val = run_images(self.ds.train, args.train_subset, args.val_split, len(self.ds.classes))
-        self.test = balanced_split(self.ds.test, args.test_subset, len(self.ds.classes))
-        if len(self.train.labels) < args.batch_size:
-            raise UserError(f"--batch-size {args.batch_size} exceeds the {len(self.train.labels)} training images: "
-                            f"lower it or enlarge --train-subset")
+        self.train, self.val = run_images(self.ds.train, data.train_subset, data.val_split, len(self.ds.classes))
+        self.test = balanced_split(self.ds.test, data.test_subset, len(self.ds.classes))
+        if len(self.train.labels) < training.batch_size:
+            raise UserError(f"--batch-size {training.batch_size} exceeds the {len(self.train.labels)} training "
+                            f"images: lower it or enlarge --train-subset")
         self.mean, self.std = channel_stats(self.train.images)
-        check_model_fits(recipe, vars(args), len(self.ds.classes), self.device)
-        self.model = make_model(recipe, vars(args), self.ds.classes, self.device)
-        check_batch_fits(self.model, self.device, args.batch_size)
+        check_model_fits(recipe, config.model, len(self.ds.classes), self.device)
+        self.model = make_model(recipe, config.model, self.ds.classes, self.device)
+        check_batch_fits(self.model, self.device, training.batch_size)
         first_flips = None
-        if args.flip == "alternating":  # drawn from the seed alone, so a resumed run draws them again
-            first_flips = torch.rand(len(self.train.labels), generator=torch.Generator().manual_seed(args.seed)) < 0.5
-        self.train_loader = DeviceLoader(self.train, self.device, args.batch_size, self.mean, self.std, train=True,
-                                         augment=functools.partial(recipe.augment, **recipe.augment_kwargs(vars(args))),
-                                         order_generator=self.order_gen,
-                                         aug_generator=self.aug_gen, channels_last=args.channels_last,
-                                         first_flips=first_flips)
+        if training.flip == "alternating":  # drawn from the seed alone, so a resumed run draws them again
+            first_flips = torch.rand(len(self.train.labels), generator=torch.Generator().manual_seed(runtime.seed)) < 0.5
+        self.train_loader = DeviceLoader(self.train, self.device, training.batch_size, self.mean, self.std, train=True,
+                                         augment=functools.partial(recipe.augment, **config.augment),
+                                         order_generator=self.order_gen, aug_generator=self.aug_gen,
+                                         channels_last=runtime.channels_last, first_flips=first_flips)
         fit_whitening(self.model, self.train_loader)
         self.summary, self.params = summary_table(self.model)
         self.model_table = recipe.model_table(self.model) if recipe.model_table else None
-        if args.channels_last:
+        if runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # After the layout change, which makes new tensors: the average follows these ones.
-        self.ema = WeightEMA(self.model, args.ema_decay) if args.ema_decay else None
-        self.test_loader = plain_batches(args, self.test, self.device, self.mean, self.std)
-        self.val_loader = None
-        if self.val is not None:
-            self.val_loader = plain_batches(args, self.val, self.device, self.mean, self.std)
+        self.ema = WeightEMA(self.model, training.ema_decay) if training.ema_decay else None
+        eval_batches = functools.partial(plain_batches, device=self.device, mean=self.mean, std=self.std,
+                                         batch_size=config.evaluation.eval_batch_size,
+                                         channels_last=runtime.channels_last)
+        self.test_loader = eval_batches(self.test)
+        self.val_loader = eval_batches(self.val) if self.val is not None else None
         # The LR here is a placeholder: the schedule (or the range test) sets it every step.
-        self.weight_decay = recipe.weight_decay_for(vars(args))
-        self.optimizer = make_optimizer(args.optimizer, self.model, 0.0, self.weight_decay,
-                                        args.bias_lr_scale, args.decay_exempt, fused=fused_on(self.device))
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        self.weight_decay = recipe.weight_decay_for(training)
+        self.optimizer = make_optimizer(training.optimizer, self.model, 0.0, self.weight_decay,
+                                        training.bias_lr_scale, training.decay_exempt, fused=fused_on(self.device))
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=training.label_smoothing)

@@ -30,13 +30,13 @@ def parse(argv):
     """``argv`` parsed by the parser of the script it runs, as that script would."""
     script, flags = str(argv[0]), [str(a) for a in argv[1:]]
     if script.startswith("train_"):
-        return build_train_parser(RECIPES[script[len("train_"):-3]]).parse_args(flags)
+        return build_train_parser(RECIPES[script[len("train_"):-3]]).parse_with_given(flags)[0]
     if script == "lr_range_test.py":
-        return build_range_test_parser().parse_args(flags)
+        return build_range_test_parser().parse_with_given(flags)[0]
     if script.endswith("throughput.py"):
-        return throughput.build_parser().parse_args(flags)
+        return throughput.build_parser().parse_with_given(flags)[0]
     own, rest = profile_step.build_parser().parse_known_args(flags)
-    return build_train_parser(RECIPES[own.model]).parse_args(rest)
+    return build_train_parser(RECIPES[own.model]).parse_with_given(rest)[0]
 
 
 @pytest.mark.parametrize("tiny", [True, False])

@@ -14,7 +14,7 @@ import torch
 
 import train_resnet
 import train_ultimus
-from core.cli.parsers import build_train_parser
+from core.cli.parsers import parse_run_config
 from core.models import MODELS
 from core.runs.checkpoint import load_checkpoint, save_checkpoint
 from core.train import loop
@@ -419,10 +419,10 @@ def test_each_optimizer_has_its_own_default_weight_decay_unless_one_is_given():
     for recipe in RECIPES.values():
         assert set(recipe.weight_decay) == set(OPTIMIZERS)
         for optimizer in OPTIMIZERS:
-            parse = build_train_parser(recipe).parse_args
-            assert recipe.weight_decay_for(vars(parse(["--optimizer", optimizer]))) == recipe.weight_decay[optimizer]
-            given = parse(["--optimizer", optimizer, "--weight-decay", "0.003"])
-            assert recipe.weight_decay_for(vars(given)) == 0.003
+            chosen = parse_run_config(recipe, ["--optimizer", optimizer]).training
+            assert recipe.weight_decay_for(chosen) == recipe.weight_decay[optimizer]
+            given = parse_run_config(recipe, ["--optimizer", optimizer, "--weight-decay", "0.003"]).training
+            assert recipe.weight_decay_for(given) == 0.003
     resnet = RECIPES["resnet"].weight_decay
     assert resnet["adam"] != resnet["sgd"] != resnet["adamw"]
 
@@ -456,9 +456,9 @@ def test_frozen_bn_scales_and_bias_lr_scale(data, full_run, tmp_path):
 def test_preset_sets_its_flags_and_leaves_the_rest(recipe_name, name):
     recipe = RECIPES[recipe_name]
     preset = recipe.presets[name]
-    plain = vars(build_train_parser(recipe).parse_args([]))
+    plain = parse_run_config(recipe, []).flags()
     assert all(dest in plain and plain[dest] != value for dest, value in preset.items()), "a preset must change real flags"
-    chosen = vars(build_train_parser(recipe).parse_args(["--preset", name]))
+    chosen = parse_run_config(recipe, ["--preset", name]).flags()
     assert {dest: chosen[dest] for dest in preset} == preset
     assert {k: v for k, v in chosen.items() if k not in preset and k != "preset"} == \
         {k: v for k, v in plain.items() if k not in preset and k != "preset"}
@@ -466,10 +466,12 @@ def test_preset_sets_its_flags_and_leaves_the_rest(recipe_name, name):
 
 def test_explicit_flags_win_over_a_preset():
     for name in ("tricks", "best"):
-        mixed = build_train_parser(RECIPES["resnet"]).parse_args(["--ghost-batch", "16", "--preset", name, "--celu-alpha", "0"])
-        assert (mixed.ghost_batch, mixed.celu_alpha, mixed.whiten, mixed.bias_lr_scale) == (16, 0.0, True, 64.0)
-    mixed = build_train_parser(RECIPES["ultimus"]).parse_args(["--preset", "residual", "--lr-max", "0.01"])
-    assert (mixed.residual, mixed.init, mixed.lr_max, mixed.lr_min) == (True, "kaiming", 0.01, 0.002)
+        mixed = parse_run_config(RECIPES["resnet"], ["--ghost-batch", "16", "--preset", name, "--celu-alpha", "0"])
+        assert dict(mixed.model) == {**mixed.model, "ghost_batch": 16, "celu_alpha": 0.0, "whiten": True}
+        assert mixed.training.bias_lr_scale == 64.0
+    mixed = parse_run_config(RECIPES["ultimus"], ["--preset", "residual", "--lr-max", "0.01"])
+    assert (mixed.model["residual"], mixed.model["init"]) == (True, "kaiming")
+    assert (mixed.training.lr_max, mixed.training.lr_min) == (0.01, 0.002)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -477,11 +479,11 @@ def test_model_and_augment_flag_defaults_are_the_constructor_defaults(name):
     # A checkpoint older than a flag lacks it, and evaluation or --resume then leaves that keyword to
     # the constructor: if the two defaults differed, it would rebuild another model than it trained.
     recipe = RECIPES[name]
-    flags = vars(build_train_parser(recipe).parse_args([]))
-    for build, kwargs in ((MODELS[name], recipe.model_kwargs(flags)), (recipe.augment, recipe.augment_kwargs(flags))):
+    config = parse_run_config(recipe, [])
+    for build, kwargs in ((MODELS[name], config.model), (recipe.augment, config.augment)):
         params = inspect.signature(build).parameters
-        assert kwargs == {key: params[key].default for key in kwargs}, build.__name__
-    assert recipe.model_kwargs(flags).keys() == {flag.lstrip("-").replace("-", "_") for flag, _ in recipe.model_flags}
+        assert dict(kwargs) == {key: params[key].default for key in kwargs}, build.__name__
+    assert config.model.keys() == {flag.lstrip("-").replace("-", "_") for flag, _ in recipe.model_flags}
 
 
 def test_unknown_preset_is_refused(data, tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 
 from core.cli.flags_doc import flags_markdown
 from core.cli.parsers import script_parsers
-from core.flags import non_negative_float, non_negative_int, peak_epoch, positive_float, positive_int
+from core.flags import non_negative_float, non_negative_int, positive_float, positive_int
+from core.train.config import TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,6 +85,6 @@ def test_range_checks(parse, text, message):
 @pytest.mark.parametrize("epochs, given, expected", [(24, None, 5.0), (12, None, 2.5), (48, None, 5.0),
                                                      (24, 7.5, 7.5)])
 def test_the_peak_epoch_is_derived_not_written_back(epochs, given, expected):
-    args = argparse.Namespace(epochs=epochs, max_at_epoch=given)
-    assert peak_epoch(args) == expected
-    assert args.max_at_epoch == given
+    training = TrainingConfig(epochs=epochs, max_at_epoch=given)
+    assert training.peak_epoch == expected
+    assert training.max_at_epoch == given

@@ -12,7 +12,7 @@ import train_dilated
 import train_resnet
 import train_ultimus
 from core.cli import commands
-from core.cli.parsers import build_train_parser
+from core.cli.parsers import parse_run_config
 from core.train.recipes import RECIPES
 from tests.conftest import assert_drawn
 
@@ -76,8 +76,7 @@ def trained_with(printed, model):
     numbers = shlex.split(lines[lines.index("Train with:") + 1])[2:]
     saved = shlex.split(next(line for line in lines if line.startswith("(or: "))[len("(or: "):-1])[2:]
     assert "--lr-from" in saved and "--lr-max" not in saved, "the JSON gives the bounds"
-    parse = build_train_parser(RECIPES[model]).parse_args
-    numbers, saved = parse(numbers), parse(saved)
+    numbers, saved = (parse_run_config(RECIPES[model], argv).training for argv in (numbers, saved))
     flags = ("bias_lr_scale", "decay_exempt", "weight_decay", "optimizer", "batch_size")
     assert [getattr(saved, f) for f in flags] == [getattr(numbers, f) for f in flags], "--lr-from trains the same way"
     return tuple(getattr(numbers, f) for f in flags)
@@ -120,7 +119,7 @@ def test_range_test_left_to_its_defaults_splits_the_parameters_as_the_train_scri
                                                                                        monkeypatch):
     seen = swept_groups(monkeypatch)
     assert lr_range_test.main(["--model", model, *common(data, tmp_path), "--batch-size", "50", "--num-iter", "4"]) == 0
-    train = vars(build_train_parser(RECIPES[model]).parse_args([]))
+    train = parse_run_config(RECIPES[model], []).flags()
     exempt = sum(n for decay, _, n in seen if decay == 0)
     assert (exempt > 0) == (train["decay_exempt"] != "none"), "the sweep decays what the run decays"
     assert all(scale == train["bias_lr_scale"] or scale == 1.0 for _, scale, _ in seen)

@@ -11,8 +11,7 @@ import torch
 
 import train_ultimus
 from core.cli.flags_doc import flags_markdown
-from core.cli.parsers import build_train_parser, script_parsers
-from core.flags import plain_flags
+from core.cli.parsers import build_train_parser, parse_run_config, script_parsers
 from core.runs.checkpoint import load_checkpoint
 from core.runs.resume import CommandLine, merge_resume_flags, rng_state, set_rng_state
 from core.train import loop, lr_bounds
@@ -57,26 +56,24 @@ def test_the_flags_page_names_exactly_the_flags_a_resume_takes():
 
 def test_a_resume_takes_where_and_how_from_the_command_line_and_the_rest_from_the_checkpoint():
     parser = build_train_parser(RECIPES["ultimus"])
-    saved = vars(parser.parse_args(["--epochs", "3", "--data", "old", "--seed", "7"]))
+    saved, _ = parser.parse_with_given(["--epochs", "3", "--data", "old", "--seed", "7"])
     del saved["flip"]  # a checkpoint older than the flag
-    typed = parser.parse_args(["--resume", "x/last.pt", "--epochs", "9", "--data", "new", "--no-progress"])
+    typed, _ = parser.parse_with_given(["--resume", "x/last.pt", "--epochs", "9", "--data", "new", "--no-progress"])
     merged = merge_resume_flags(typed, saved, parser.resumable())
-    assert (merged.epochs, merged.seed) == (3, 7)
-    assert (merged.data, merged.resume, merged.no_progress) == ("new", "x/last.pt", True)
-    assert merged.out is None and merged.flip == "random"
-    assert typed.epochs == 9, "the parsed flags are not rewritten"
+    assert (merged["epochs"], merged["seed"]) == (3, 7)
+    assert (merged["data"], merged["resume"], merged["no_progress"]) == ("new", "x/last.pt", True)
+    assert merged["out"] is None and merged["flip"] == "random"
+    assert typed["epochs"] == 9, "the parsed flags are not rewritten"
 
 
 @pytest.mark.slow
 def test_a_run_leaves_its_parsed_flags_alone_and_records_them_as_typed(data, tmp_path):
     recipe = RECIPES["ultimus"]
-    args = build_train_parser(recipe).parse_args(tiny(data, tmp_path, "--lr-max", "find"))
-    typed = dict(vars(args))
-    assert loop.run_training(recipe, args, CommandLine("python train_ultimus.py ...")) == 0
-    assert vars(args) == typed
+    config = parse_run_config(recipe, tiny(data, tmp_path, "--lr-max", "find"))
+    assert loop.run_training(recipe, config, CommandLine("python train_ultimus.py ...")) == 0
     m, ckpt = metrics(tmp_path), load_checkpoint(tmp_path / "last.pt")
     found = json.loads((tmp_path / "lr_finder.json").read_text())
-    assert m["flags"] == plain_flags(args) == ckpt["args"] and m["flags"]["lr_max"] == "find"
+    assert m["flags"] == config.flags() == ckpt["args"] and m["flags"]["lr_max"] == "find"
     assert m["flags"]["max_at_epoch"] is None and m["peak_epoch"] == pytest.approx(3 * 5 / 24)
     assert ckpt["lr_bounds"] == {"lr_max": found["lr_max"], "lr_min": found["lr_min"], "source": m["lr_source"]}
     assert (m["lr_max"], m["lr_min"]) == (found["lr_max"], found["lr_min"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.cli.parsers import build_train_parser
+from core.cli.parsers import parse_run_config
 from core.models.dilated import DilatedNet
 from core.models.resnet import CustomResNet
 from core.train.optim import make_optimizer, param_groups
@@ -89,7 +89,7 @@ def test_an_exempt_parameter_is_not_shrunk_by_a_step_that_shrinks_the_others(tmp
     data = write_batches(tmp_path / "cifar-10-batches-py", n_train=60, n_test=20)
     argv = ["--data", str(data), "--device", "cpu", "--cache-dir", "none", "--batch-size", "20",
             "--decay-exempt", "bias-norm-depthwise"]
-    setup = BuiltRun(RECIPES["dilated"], build_train_parser(RECIPES["dilated"]).parse_args(argv))
+    setup = BuiltRun(RECIPES["dilated"], parse_run_config(RECIPES["dilated"], argv))
     kinds = by_module_kind(setup.model)
     before = [p.detach().clone() for p in setup.model.parameters()]
     for group in setup.optimizer.param_groups:

@@ -11,7 +11,7 @@ import torch
 import lr_range_test
 import train_dilated
 import train_ultimus
-from core.cli.parsers import build_train_parser
+from core.cli.parsers import parse_run_config
 from core.data.dataset import Split
 from core.data.subsets import hold_out
 from core.runs.checkpoint import load_checkpoint
@@ -44,8 +44,7 @@ def test_hold_out_splits_the_images_into_two_disjoint_class_balanced_parts():
 
 
 def setup_for(data, *extra):
-    args = build_train_parser(RECIPES["ultimus"]).parse_args(tiny(data, "unused", *extra))
-    return BuiltRun(RECIPES["ultimus"], args)
+    return BuiltRun(RECIPES["ultimus"], parse_run_config(RECIPES["ultimus"], tiny(data, "unused", *extra)))
 
 
 def test_the_held_out_images_are_the_same_for_every_seed_and_never_in_a_training_batch(data):
