@@ -18,6 +18,7 @@ from ..runs.folder import check_new_or_empty, check_range_test_folder, claimed_f
 from ..runs.outputs import check_folder, make_folder
 from ..runs.resume import CommandLine
 from ..train.config import PredictConfig, RangeTestConfig
+from ..train.distributed import World
 from ..train.inference import image_files, load_trained, predict, prepare, read_image, top_k
 from ..train.loop import run_training
 from ..train.lr_bounds import find_bounds
@@ -29,16 +30,18 @@ from .parsers import build_predict_parser, build_range_test_parser, build_train_
 
 
 def train_main(recipe_name, argv=None):
-    """The whole of a train_*.py script: its recipe's flags, then a run."""
+    """The whole of a train_*.py script: its recipe's flags, then a run; under torchrun, this
+    process's part of it."""
     recipe = RECIPES[recipe_name]
+    world = World.from_env()
     typed = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", recipe.script, *typed])
     parser = build_train_parser(recipe)
 
     def run(values, given):
-        return run_training(recipe, recipe.config(values), CommandLine(command, given, parser.resumable()))
+        return run_training(recipe, recipe.config(values), CommandLine(command, given, parser.resumable()), world)
 
-    return run_cli(run, typed, parser)
+    return run_cli(run, typed, parser, quiet=not world.is_main)
 
 
 def range_test_main(argv=None):

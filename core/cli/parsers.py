@@ -150,17 +150,20 @@ def parse_run_config(recipe, argv):
     return recipe.config(build_train_parser(recipe).parse_with_given(argv)[0])
 
 
-def run_cli(entry, argv, parser):
+def run_cli(entry, argv, parser, quiet=False):
     """Parse ``argv`` and run ``entry(values, given)`` (``values``: {dest: value} of every flag;
-    ``given``: the dests of the flags typed), turning UserError into one line on stderr."""
+    ``given``: the dests of the flags typed), turning UserError into one line on stderr, or
+    into the exit status alone where ``quiet`` (a torchrun process whose rank 0 says it)."""
     values, given = parser.parse_with_given(argv)
     try:
         return entry(values, given) or 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside the epoch loop, which handles its own
-        print("\ninterrupted", file=sys.stderr)
+        if not quiet:
+            print("\ninterrupted", file=sys.stderr)
         return 130
 
 

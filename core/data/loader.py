@@ -32,10 +32,14 @@ class DeviceLoader:
     ``first_flips`` (one bool per image) replaces the recipe's random flip with
     ``augment.alternating_flip``, which needs the epoch: call ``set_epoch`` before each one, as
     with torch's DistributedSampler.
+
+    ``share`` (r, W): yield only the r-th of W equal slices of every training batch, for one of
+    W data-parallel processes. Each process draws and augments the whole batch from the same
+    generators, then slices it, so an image is ordered and augmented the same whatever W is.
     """
 
     def __init__(self, split, device, batch_size, mean, std, *, train, augment=None,
-                 order_generator=None, aug_generator=None, channels_last=False, first_flips=None):
+                 order_generator=None, aug_generator=None, channels_last=False, first_flips=None, share=(0, 1)):
         self.images = torch.from_numpy(split.images).to(device)
         self.labels = torch.from_numpy(split.labels).to(device)
         self.batch_size = batch_size
@@ -46,6 +50,10 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.first_flips = None if first_flips is None else first_flips.to(device)
         self.epoch = 0
+        rank, size = share
+        if batch_size % size:
+            raise ValueError(f"a batch of {batch_size} cannot be split into {size} equal shares")
+        self.share = slice(rank * batch_size // size, (rank + 1) * batch_size // size)
         self.mean, self.std = mean, std
         self._mean, self._std = channel_tensor(mean, device), channel_tensor(std, device)
 
@@ -70,6 +78,7 @@ class DeviceLoader:
                     x = alternating_flip(x, self.first_flips[idx], self.epoch)
                 if self.augment is not None:
                     x = self.augment(x, self.aug_generator, self.mean, self.std, flip=self.first_flips is None)
+                x, y = x[self.share], y[self.share]
             else:
                 sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
                 x, y = self.normalize(self.images[sl]), self.labels[sl]

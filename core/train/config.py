@@ -136,6 +136,9 @@ class TrainingConfig:
     flip: str = flag("random", choices=["random", "alternating"],
                      help="random: each image mirrored with probability 1/2 every epoch; alternating: mirrored "
                           "in every other epoch, starting from a random half (airbench)")
+    sync_bn: bool = flag(False, action="store_true",
+                         help="under torchrun on CUDA: BatchNorm over the whole batch across the processes "
+                              "(SyncBatchNorm) instead of over each process's share")
     runs: int = flag(1, type=positive_int,
                      help="train N times with seeds seed..seed+N-1 and report mean, std, min and max accuracy")
     preset: str | None = flag(None, help="start from a named set of flag values; flags given explicitly override "

@@ -11,6 +11,7 @@ from torch.optim.swa_utils import update_bn
 from ..data.augment import tta_views
 from ..device import autocast
 from ..progress import bar as progress_bar
+from .distributed import World
 
 
 def train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler):
@@ -28,13 +29,14 @@ def train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler):
 
 
 def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, scaler,
-                progress=True, log_every=10, desc="train", ema=None):
+                progress=True, log_every=10, desc="train", ema=None, world=World()):
     """Train for one pass over ``loader``, stepping ``schedule`` (and ``ema``) after every batch.
 
     Loss and accuracy accumulate on the device; the host reads them only every ``log_every``
     steps for the bar (and to stop a run whose loss is no longer finite), so the GPU queue
     never drains for bookkeeping. Returns the epoch's figures and timing, where
-    ``first_step_s`` isolates the first step (warm-up, compilation) from the throughput.
+    ``first_step_s`` isolates the first step (warm-up, compilation) from the throughput; under
+    torchrun the figures are the whole batch's, summed over the processes (``world``) at the end.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -61,11 +63,13 @@ def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, 
             if bar is not None:
                 bar.set_postfix_str(f"Loss={avg:.4f} Batch_id={i} Accuracy={100 * correct.item() / seen:.2f} "
                                     f"LR={optimizer.param_groups[0]['lr']:.5g}", refresh=False)
+    loss_sum, correct, seen = world.sum(torch.stack([loss_sum.double(), correct.double(),
+                                                     torch.tensor(seen, dtype=torch.float64, device=device)])).tolist()
     synchronize(device)
     if bar is not None:
         bar.close()
-    return {"loss": loss_sum.item() / max(seen, 1), "acc": 100 * correct.item() / max(seen, 1),
-            "seconds": time.perf_counter() - start, "first_step_s": first_step_s or 0.0, "images": seen}
+    return {"loss": loss_sum / max(seen, 1), "acc": 100 * correct / max(seen, 1),
+            "seconds": time.perf_counter() - start, "first_step_s": first_step_s or 0.0, "images": int(seen)}
 
 
 def padded_batch(x, size):

@@ -3,8 +3,10 @@ built (``core.train.setup``) in a folder it holds, then the epoch loop (step and
 ``core.train.engine``) with its checkpoints, metrics and figures. Also ``--runs``, and the
 dispatch to ``--eval-only``."""
 
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from ..runs.folder import check_run_folder, claimed_run_folder, default_out, res
 from ..runs.outputs import atomic_write_text, write_history_csv, write_json
 from ..runs.resume import merge_resume_flags, refuse_changed_flags, restore, rng_state
 from .compiled import compile_model
+from .distributed import World, average_buffers, process_group, refuse_under_torchrun, wrap
 from .config import refuse_contradictions
 from .engine import NonFiniteLoss, evaluate, format_test_line, recalibrate_bn, train_epoch
 from .eval_only import evaluate_checkpoint
@@ -36,11 +39,12 @@ def print_summary(run, recipe, out):
         atomic_write_text(out / f"{recipe.model_table_name}.txt", run.model_table + "\n")
 
 
-def run_training(recipe, config, command_line):
-    """A run of ``recipe`` as its ``RunConfig`` says. ``command_line``: the ``CommandLine`` that
-    started this process; a resumed run keeps the one that started it in metrics.json and lists
-    the resumes after it."""
+def run_training(recipe, config, command_line, world=World()):
+    """A run of ``recipe`` as its ``RunConfig`` says, as process ``world`` of a torchrun job (or
+    the only one). ``command_line``: the ``CommandLine`` that started this process; a resumed run
+    keeps the one that started it in metrics.json and lists the resumes after it."""
     config.check()
+    refuse_under_torchrun(config, world)
     if config.outputs.eval_only:
         return evaluate_checkpoint(recipe, config)
     if config.training.runs > 1:
@@ -52,13 +56,26 @@ def run_training(recipe, config, command_line):
         refuse_changed_flags(command_line, config.flags(), ckpt["args"], path)
         config = recipe.config(merge_resume_flags(config.flags(), ckpt["args"], command_line.resumable))
         config.check()
+        refuse_under_torchrun(config, world)
+        trained_on = ckpt.get("world_size", 1)  # a checkpoint from before torchrun support: one process
+        if trained_on != world.size and world.is_main:
+            print(f"warning: {path} trained on {trained_on} process(es) and continues on {world.size}: the data "
+                  f"order and augmentation stay, but BatchNorm's batch statistics now come from shares of "
+                  f"{config.training.batch_size // world.size} images instead of "
+                  f"{config.training.batch_size // trained_on}, so it will not end as the run that stopped would have",
+                  file=sys.stderr)
     refuse_contradictions(config.training, command_line.given)
     out = run_folder(recipe, config.outputs)
-    check_run_folder(out, config.outputs, ckpt, recipe.script)
-    with deterministic_algorithms(config.runtime.deterministic):
-        run = BuiltRun(recipe, config)
-        with claimed_run_folder(out, config.outputs, ckpt):
-            return train(recipe, config, command_line.text, run, out, ckpt)
+    if world.is_main:
+        check_run_folder(out, config.outputs, ckpt, recipe.script)
+    else:  # one writer: the other processes neither print, nor draw progress, nor hold the folder
+        config = config.replace(no_progress=True)
+    device = world.device(config.runtime.device)
+    silenced = contextlib.redirect_stdout(open(os.devnull, "w")) if not world.is_main else contextlib.nullcontext()
+    with silenced, deterministic_algorithms(config.runtime.deterministic), process_group(world, device):
+        run = BuiltRun(recipe, config, world)
+        with claimed_run_folder(out, config.outputs, ckpt) if world.is_main else contextlib.nullcontext():
+            return train(recipe, config, command_line.text, run, out, ckpt, world)
 
 
 @dataclasses.dataclass
@@ -89,13 +106,15 @@ class Progress:
         return test["acc"] > self.best_test_acc if val is None else val["acc"] > self.best_val_acc
 
 
-def checkpoint_state(recipe, run, config, schedule, scaler, bounds, progress):
-    """Everything a resume needs, as tensors and plain values."""
+def checkpoint_state(recipe, run, config, schedule, scaler, bounds, progress, world):
+    """Everything a resume needs, as tensors and plain values. Every process of a torchrun job
+    draws the same random numbers (the same seed, the same whole batches), so rank 0's generator
+    states are every process's."""
     return {"model_name": recipe.name, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
             "ema": run.ema.state_dict() if run.ema else None, "rng": rng_state(run.order_gen, run.aug_gen),
             "args": config.flags(), "lr_bounds": bounds.as_dict(), "mean": run.mean, "std": run.std,
-            "classes": list(run.ds.classes), **dataclasses.asdict(progress)}
+            "classes": list(run.ds.classes), "world_size": world.size, **dataclasses.asdict(progress)}
 
 
 def evaluate_splits(run, eval_model, bn_loader, evaluation, runtime, keep_predictions):
@@ -114,23 +133,25 @@ def evaluate_splits(run, eval_model, bn_loader, evaluation, runtime, keep_predic
     return test, val
 
 
-def run_facts(recipe, run, config, bounds):
+def run_facts(recipe, run, config, bounds, world):
     """What metrics.json says of the run beside its progress: the flags, the LR bounds, the
     weight decay trained with (a resume restores it with the optimizer's state), the device."""
     amp = str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32"
     return {"model": recipe.name, "flags": config.flags(), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
             "lr_source": bounds.source, "peak_epoch": config.training.peak_epoch,
             "weight_decay": run.optimizer.param_groups[0]["weight_decay"], "params": run.params,
-            "device": describe_device(run.device), "amp": amp, "train_images": len(run.train.labels),
+            "device": describe_device(run.device), "processes": world.size, "amp": amp, "train_images": len(run.train.labels),
             "val_images": len(run.val.labels) if run.val is not None else 0, "test_images": len(run.test.labels),
             "best_by": "val_acc" if run.val is not None else "test_acc", "data_load_s": run.data_load_s}
 
 
-def train(recipe, config, command, run, out, ckpt):
+def train(recipe, config, command, run, out, ckpt, world):
     """The run itself, in a folder it holds: LR bounds and schedule, then for each epoch train,
-    evaluate, log and checkpoint, then the figures and the error report."""
+    evaluate, log and checkpoint, then the figures and the error report. Under torchrun every
+    process trains and evaluates, and rank 0 alone writes."""
     training, evaluation, runtime, outputs = config.training, config.evaluation, config.runtime, config.outputs
-    print_summary(run, recipe, out)
+    if world.is_main:
+        print_summary(run, recipe, out)
     bounds = checkpoint_bounds(ckpt) if ckpt is not None else resolve_lr_bounds(training, run, out, recipe.name,
                                                                                   config.flags(), runtime.progress)
     print(f"LR bounds: lr_max {bounds.lr_max:.4g}, lr_min {bounds.lr_min:.4g} (from {bounds.source})")
@@ -144,18 +165,22 @@ def train(recipe, config, command, run, out, ckpt):
         progress = Progress.from_checkpoint(ckpt)
         print(f"Resuming {outputs.resume} after epoch {progress.epoch} of {training.epochs}")
     progress.commands.append(command)
-    if ckpt is None:
-        save_checkpoint(out / "last.pt", checkpoint_state(recipe, run, config, schedule, scaler, bounds, progress))
+    if ckpt is None and world.is_main:
+        save_checkpoint(out / "last.pt", checkpoint_state(recipe, run, config, schedule, scaler, bounds, progress,
+                                                          world))
 
-    step_model = compile_model(run.model, runtime.compile) if runtime.compile else run.model
-    eval_model = step_model
-    if run.ema:  # a module of its own, compiled (once, in eval mode) on its own
-        eval_model = compile_model(run.ema.module, runtime.compile) if runtime.compile else run.ema.module
+    step_model = wrap(run.model, world, run.device)
+    if runtime.compile:
+        step_model = compile_model(step_model, runtime.compile)
+    evaluated_module = run.ema.module if run.ema else run.model
+    eval_model = step_model  # one compiled graph for both modes where the step trains the evaluated module alone
+    if run.ema or world.distributed:  # else a module of its own, compiled (once, in eval mode) on its own
+        eval_model = compile_model(evaluated_module, runtime.compile) if runtime.compile else evaluated_module
     bn_loader = None
     if evaluation.recalibrate_bn:
         bn_loader = bn_images(evaluation.recalibrate_bn, run.train, len(run.ds.classes), run.device, run.mean,
                               run.std, training.batch_size, runtime.channels_last)
-    facts = run_facts(recipe, run, config, bounds)
+    facts = run_facts(recipe, run, config, bounds, world)
     held = f"{facts['val_images']} validation / " if run.val is not None else ""
     print(f"Training on {facts['device']} with amp={facts['amp']}, {facts['train_images']} train / {held}"
           f"{facts['test_images']} test images, output in {out}")
@@ -170,7 +195,8 @@ def train(recipe, config, command, run, out, ckpt):
             run.train_loader.set_epoch(epoch)
             tr = train_epoch(step_model, run.train_loader, run.optimizer, schedule, run.loss_fn, run.device,
                              run.amp_dtype, scaler, progress=runtime.progress,
-                             desc=f"epoch {epoch}/{training.epochs}", ema=run.ema)
+                             desc=f"epoch {epoch}/{training.epochs}", ema=run.ema, world=world)
+            average_buffers([run.model] + ([run.ema.module] if run.ema else []), world)
             evaluated = epoch % evaluation.eval_every == 0 or epoch == training.epochs
             if evaluated:
                 eval_start = time.perf_counter()
@@ -202,23 +228,28 @@ def train(recipe, config, command, run, out, ckpt):
             # leaves it no older than last.pt. With --save-every, a new best is still kept.
             save_start = time.perf_counter()
             save_last = epoch % outputs.save_every == 0 or epoch == training.epochs
-            if save_last or is_best:
-                state = checkpoint_state(recipe, run, config, schedule, scaler, bounds, progress)
+            if (save_last or is_best) and world.is_main:
+                state = checkpoint_state(recipe, run, config, schedule, scaler, bounds, progress, world)
                 save_checkpoint(out / ("last.pt" if save_last else "best.pt"), state,
                                 also=[out / "best.pt"] if save_last and is_best else [])
             if save_last:
                 saved_epoch = epoch
             progress.checkpoint_seconds += time.perf_counter() - save_start
-            write_metrics(out, facts, progress)
+            if world.is_main:
+                write_metrics(out, facts, progress)
     except NonFiniteLoss as exc:
         raise UserError(f"{exc}; stopped. The last good checkpoint is {out / 'last.pt'}: "
                         f"lower --lr-max (try lr_range_test.py) and train again") from None
     except KeyboardInterrupt:
-        print(f"\nInterrupted. {out / 'last.pt'} holds the state after epoch {saved_epoch} (training since "
-              f"then is lost); resume with:\n  {resume_command(recipe.script, out / 'last.pt')}", file=sys.stderr)
+        if world.is_main:
+            print(f"\nInterrupted. {out / 'last.pt'} holds the state after epoch {saved_epoch} (training since "
+                  f"then is lost); resume with:\n  {resume_command(recipe.script, out / 'last.pt', world.size)}",
+                  file=sys.stderr)
         return 130
     if test is None:  # resumed from a run that had already finished: nothing was evaluated yet
         test, _ = evaluate_splits(run, eval_model, bn_loader, evaluation, runtime, keep_predictions=True)
+    if not world.is_main:
+        return 0
     plot_training(out, progress, schedule, len(run.train_loader))
     report = write_error_report(out, run.ema.module if run.ema else run.model, run.test,
                                 test["predictions"].numpy(), list(run.ds.classes), run.mean, run.std,

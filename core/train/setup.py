@@ -13,12 +13,13 @@ from torch import nn
 from ..data.dataset import DEFAULT_CACHE, load_dataset
 from ..data.loader import DeviceLoader, channel_stats
 from ..data.subsets import balanced_split, run_images
-from ..device import autotune_convolutions, keep_freed_memory, pick_amp, pick_device
+from ..device import autotune_convolutions, keep_freed_memory, pick_amp
 from ..errors import UserError
 from ..models import MODELS
 from ..models.whitening import fit_whitening
 from ..report.summary import summary_table
 from ..runs.outputs import check_folder
+from .distributed import World, sync_batch_norm
 from .ema import WeightEMA
 from .optim import fused_on, make_optimizer
 
@@ -34,10 +35,10 @@ def load_data(data_config, need_train, progress, data=None):
                         cache_dir=None if cache_dir == "none" else (cache_dir or DEFAULT_CACHE), progress=progress)
 
 
-def pick_runtime(runtime):
-    """The device and autocast dtype the ``RuntimeConfig`` asks for, with the allocator and cuDNN
-    set up for it."""
-    device = pick_device(runtime.device)
+def pick_runtime(runtime, world=World()):
+    """The device and autocast dtype the ``RuntimeConfig`` asks for (this process's own GPU under
+    torchrun), with the allocator and cuDNN set up for it."""
+    device = world.device(runtime.device)
     keep_freed_memory(device)
     autotune_convolutions(device)
     return device, pick_amp(runtime.amp, device)
@@ -141,9 +142,12 @@ class BuiltRun:
     order of the steps is part of the result: the model's initialization draws from the seeded
     torch generator, so building it earlier or later would train other weights."""
 
-    def __init__(self, recipe, config):
+    def __init__(self, recipe, config, world=World()):
         data, training, runtime = config.data, config.training, config.runtime
-        self.device, self.amp_dtype = pick_runtime(runtime)
+        self.device, self.amp_dtype = pick_runtime(runtime, world)
+        if training.sync_bn and self.device.type != "cuda":
+            raise UserError(f"--sync-bn needs CUDA (torch's SyncBatchNorm has no {self.device.type} kernels): drop "
+                            f"it, and each process normalizes over its own share")
         torch.manual_seed(runtime.seed)
         self.order_gen = torch.Generator().manual_seed(runtime.seed)
         self.aug_gen = torch.Generator(self.device).manual_seed(runtime.seed + 1)
@@ -158,6 +162,8 @@ class BuiltRun:
         self.mean, self.std = channel_stats(self.train.images)
         check_model_fits(recipe, config.model, len(self.ds.classes), self.device)
         self.model = make_model(recipe, config.model, self.ds.classes, self.device)
+        if training.sync_bn:
+            self.model = sync_batch_norm(self.model)
         check_batch_fits(self.model, self.device, training.batch_size)
         first_flips = None
         if training.flip == "alternating":  # drawn from the seed alone, so a resumed run draws them again
@@ -165,7 +171,8 @@ class BuiltRun:
         self.train_loader = DeviceLoader(self.train, self.device, training.batch_size, self.mean, self.std, train=True,
                                          augment=functools.partial(recipe.augment, **config.augment),
                                          order_generator=self.order_gen, aug_generator=self.aug_gen,
-                                         channels_last=runtime.channels_last, first_flips=first_flips)
+                                         channels_last=runtime.channels_last, first_flips=first_flips,
+                                         share=(world.rank, world.size))
         fit_whitening(self.model, self.train_loader)
         self.summary, self.params = summary_table(self.model)
         self.model_table = recipe.model_table(self.model) if recipe.model_table else None
