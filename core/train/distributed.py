@@ -59,12 +59,13 @@ class World:
         return self.rank == 0
 
     def device(self, name):
-        """The device --device ``name`` means for this process: its own GPU on CUDA."""
+        """The device --device ``name`` means for this process: under torchrun on CUDA, the GPU of
+        its local rank."""
         device = pick_device(name)
         if self.distributed and device.type == "mps":
             raise UserError("torchrun: MPS is one device, so a Mac trains in one process; run "
                             "python train_<model>.py without torchrun")
-        if device.type == "cuda":
+        if device.type == "cuda" and self.distributed:
             if self.local_rank >= torch.cuda.device_count():
                 raise UserError(f"torchrun started {self.local_rank + 1}+ processes on this machine but it has "
                                 f"{torch.cuda.device_count()} GPUs: lower --nproc-per-node")
