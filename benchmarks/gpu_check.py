@@ -227,6 +227,25 @@ def timing_steps(c, args, size):
     return figures
 
 
+def torchrun_steps(c, args, size):
+    """The full ResNet recipe under torchrun, one process per visible GPU (two CPU processes in the
+    rehearsal), against full_resnet's one device: images/s, the speed-up and both accuracies."""
+    processes = c.info.get("gpus", 1) if args.device == "cuda" else 2
+    if processes < 2:
+        return {}
+    name = "full_resnet_torchrun"
+    step = c.run(name, ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                        "train_resnet.py", *c.common, *size["full"], "--out", c.out / name, "--overwrite"])
+    many, one = run_metrics(c.out / name), run_metrics(c.out / "full_resnet")
+    if not many or step.get("rc") != 0:
+        return {}
+    figures = {"processes": processes, **training_figures(many, step["wall_s"], None)}
+    if one and one.get("train_images_per_s") and many.get("train_images_per_s"):
+        figures.update(speedup=many["train_images_per_s"] / one["train_images_per_s"],
+                       one_device_test_acc=one["final_test_acc"])
+    return {name: figures}
+
+
 RESUME_MODES = {"default": [], "deterministic": ["--deterministic"]}
 
 
@@ -254,7 +273,7 @@ def compile_steps(c, args, size):
 
 
 # Most important first: a budget that runs out skips the last ones.
-STEP_GROUPS = (smoke_steps, timing_steps, resume_steps, compile_steps)
+STEP_GROUPS = (smoke_steps, timing_steps, resume_steps, torchrun_steps, compile_steps)
 
 
 def plan(c, args):

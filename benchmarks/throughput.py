@@ -111,7 +111,8 @@ def build_parser():
     p = ArgumentParser(prog="benchmarks/throughput.py", description=__doc__.splitlines()[0])
     p.add_flag("options", ["--data"], default=None, required=True,
                help="an image-folder root with train/<class>/ (the seeds' ImageFolder needs one)")
-    p.add_flag("options", ["--models"], nargs="+", default=["resnet"], choices=sorted(RECIPES), help="models to measure")
+    p.add_flag("options", ["--models"], nargs="+", default=["resnet"], choices=sorted(RECIPES),
+               help="models to measure")
     p.add_flag("options", ["--device"], default="auto", choices=["auto", "cuda", "mps", "cpu"],
                help="where both pipelines train; auto takes CUDA, then MPS, then the CPU")
     p.add_flag("options", ["--ablate"], action="store_true", default=False,

@@ -35,7 +35,7 @@ def train_main(recipe_name, argv=None):
     recipe = RECIPES[recipe_name]
     world = World.from_env()
     typed = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", recipe.script, *typed])
+    command = shlex.join([*world.launcher(), recipe.script, *typed])
     parser = build_train_parser(recipe)
 
     def run(values, given):

@@ -133,7 +133,8 @@ def build_train_parser(recipe):
     p = ArgumentParser(prog=recipe.script, description=recipe.description, presets=recipe.presets)
     context = {"name": recipe.name,
                "weight_decays": ", ".join(f"{name} {value:g}" for name, value in recipe.weight_decay.items()),
-               "presets": "; ".join(f"{name}: {format_preset(values)}" for name, values in sorted(recipe.presets.items()))}
+               "presets": "; ".join(f"{name}: {format_preset(values)}"
+                                    for name, values in sorted(recipe.presets.items()))}
     p.add_part(DataConfig, recipe.defaults)
     p.add_part(TrainingConfig, recipe.defaults, context, choices={"preset": sorted(recipe.presets)})
     for title, flags in recipe.flag_groups():

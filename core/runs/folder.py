@@ -67,10 +67,8 @@ def check_range_test_folder(out, overwrite):
                         f"--out, or pass --overwrite to replace its {' and '.join(RANGE_TEST_FILES)}")
 
 
-def resume_command(script, checkpoint, processes=1):
-    """The command that continues a run: under torchrun for a run of several processes (on one
-    machine; a job over several machines adds its --nnodes flags)."""
-    launcher = ["torchrun", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else ["python"]
+def resume_command(script, checkpoint, launcher=("python",)):
+    """The command that continues a run, started by ``launcher`` as the run was (torchrun's)."""
     return shlex.join([*launcher, script, "--resume", str(checkpoint)])
 
 

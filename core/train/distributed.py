@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import inspect
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -29,8 +30,8 @@ from ..errors import UserError
 # stops the job within seconds of a process dying; this bounds the case where one hangs.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
 # DDP's switch for its per-step broadcast of rank 0's buffers, renamed in torch 2.14
-NO_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                  else "broadcast_buffers")
+NO_BUFFER_SYNC = next(name for name in ("forward_sync_buffers", "broadcast_buffers")
+                      if name in inspect.signature(DistributedDataParallel).parameters)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,16 @@ class World:
             torch.cuda.set_device(device)
         return device
 
+    def launcher(self):
+        """The command that starts a script as this job did (metrics.json keeps it): python, or
+        torchrun with this job's machines and processes per machine."""
+        if not self.distributed:
+            return ["python"]
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
+        machines = self.size // per_machine
+        return ["torchrun", *([f"--nnodes={machines}"] if machines > 1 else ["--standalone"]),
+                f"--nproc-per-node={per_machine}"]
+
     def sum(self, tensor):
         """``tensor`` summed over every process (in place), for figures of the whole batch."""
         if self.distributed:
@@ -100,6 +111,26 @@ def refuse_under_torchrun(config, world):
                                         "its lr_finder.json with --lr-from")):
         if refused:
             raise UserError(f"under torchrun, {message}")
+
+
+def warn_of_another_world(ckpt, world, batch_size, path):
+    """One line when a run resumes under another number of processes than it trained with."""
+    trained_on = ckpt.get("world_size", 1)  # a checkpoint from before torchrun support: one process
+    if trained_on != world.size:
+        print(f"warning: {path} trained on {trained_on} process(es) and continues on {world.size}: the data order "
+              f"and augmentation stay, but BatchNorm's batch statistics now come from shares of "
+              f"{batch_size // world.size} images instead of {batch_size // trained_on}, so it will not end as the "
+              f"run that stopped would have", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def only_rank_0_prints(world):
+    """Inside, the standard output of every process but rank 0 is discarded."""
+    if world.is_main:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
 
 
 @contextlib.contextmanager

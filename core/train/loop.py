@@ -6,7 +6,6 @@ dispatch to ``--eval-only``."""
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,16 @@ from ..runs.folder import check_run_folder, claimed_run_folder, default_out, res
 from ..runs.outputs import atomic_write_text, write_history_csv, write_json
 from ..runs.resume import merge_resume_flags, refuse_changed_flags, restore, rng_state
 from .compiled import compile_model
-from .distributed import World, average_buffers, process_group, refuse_under_torchrun, wrap
 from .config import refuse_contradictions
+from .distributed import (
+    World,
+    average_buffers,
+    only_rank_0_prints,
+    process_group,
+    refuse_under_torchrun,
+    warn_of_another_world,
+    wrap,
+)
 from .engine import NonFiniteLoss, evaluate, format_test_line, recalibrate_bn, train_epoch
 from .eval_only import evaluate_checkpoint
 from .lr_bounds import checkpoint_bounds, resolve_lr_bounds
@@ -57,13 +64,8 @@ def run_training(recipe, config, command_line, world=World()):
         config = recipe.config(merge_resume_flags(config.flags(), ckpt["args"], command_line.resumable))
         config.check()
         refuse_under_torchrun(config, world)
-        trained_on = ckpt.get("world_size", 1)  # a checkpoint from before torchrun support: one process
-        if trained_on != world.size and world.is_main:
-            print(f"warning: {path} trained on {trained_on} process(es) and continues on {world.size}: the data "
-                  f"order and augmentation stay, but BatchNorm's batch statistics now come from shares of "
-                  f"{config.training.batch_size // world.size} images instead of "
-                  f"{config.training.batch_size // trained_on}, so it will not end as the run that stopped would have",
-                  file=sys.stderr)
+        if world.is_main:
+            warn_of_another_world(ckpt, world, config.training.batch_size, path)
     refuse_contradictions(config.training, command_line.given)
     out = run_folder(recipe, config.outputs)
     if world.is_main:
@@ -71,8 +73,8 @@ def run_training(recipe, config, command_line, world=World()):
     else:  # one writer: the other processes neither print, nor draw progress, nor hold the folder
         config = config.replace(no_progress=True)
     device = world.device(config.runtime.device)
-    silenced = contextlib.redirect_stdout(open(os.devnull, "w")) if not world.is_main else contextlib.nullcontext()
-    with silenced, deterministic_algorithms(config.runtime.deterministic), process_group(world, device):
+    with only_rank_0_prints(world), deterministic_algorithms(config.runtime.deterministic), \
+            process_group(world, device):
         run = BuiltRun(recipe, config, world)
         with claimed_run_folder(out, config.outputs, ckpt) if world.is_main else contextlib.nullcontext():
             return train(recipe, config, command_line.text, run, out, ckpt, world)
@@ -140,7 +142,8 @@ def run_facts(recipe, run, config, bounds, world):
     return {"model": recipe.name, "flags": config.flags(), "lr_max": bounds.lr_max, "lr_min": bounds.lr_min,
             "lr_source": bounds.source, "peak_epoch": config.training.peak_epoch,
             "weight_decay": run.optimizer.param_groups[0]["weight_decay"], "params": run.params,
-            "device": describe_device(run.device), "processes": world.size, "amp": amp, "train_images": len(run.train.labels),
+            "device": describe_device(run.device), "processes": world.size, "amp": amp,
+            "train_images": len(run.train.labels),
             "val_images": len(run.val.labels) if run.val is not None else 0, "test_images": len(run.test.labels),
             "best_by": "val_acc" if run.val is not None else "test_acc", "data_load_s": run.data_load_s}
 
@@ -242,9 +245,9 @@ def train(recipe, config, command, run, out, ckpt, world):
                         f"lower --lr-max (try lr_range_test.py) and train again") from None
     except KeyboardInterrupt:
         if world.is_main:
+            again = resume_command(recipe.script, out / "last.pt", world.launcher())
             print(f"\nInterrupted. {out / 'last.pt'} holds the state after epoch {saved_epoch} (training since "
-                  f"then is lost); resume with:\n  {resume_command(recipe.script, out / 'last.pt', world.size)}",
-                  file=sys.stderr)
+                  f"then is lost); resume with:\n  {again}", file=sys.stderr)
         return 130
     if test is None:  # resumed from a run that had already finished: nothing was evaluated yet
         test, _ = evaluate_splits(run, eval_model, bn_loader, evaluation, runtime, keep_predictions=True)

@@ -167,7 +167,8 @@ class BuiltRun:
         check_batch_fits(self.model, self.device, training.batch_size)
         first_flips = None
         if training.flip == "alternating":  # drawn from the seed alone, so a resumed run draws them again
-            first_flips = torch.rand(len(self.train.labels), generator=torch.Generator().manual_seed(runtime.seed)) < 0.5
+            flip_gen = torch.Generator().manual_seed(runtime.seed)
+            first_flips = torch.rand(len(self.train.labels), generator=flip_gen) < 0.5
         self.train_loader = DeviceLoader(self.train, self.device, training.batch_size, self.mean, self.std, train=True,
                                          augment=functools.partial(recipe.augment, **config.augment),
                                          order_generator=self.order_gen, aug_generator=self.aug_gen,

@@ -23,12 +23,17 @@ STEPS = ["smoke_resnet", "smoke_resnet_fp16", "smoke_resnet_best", "smoke_dilate
          "eval_only_tta_shift", "range_test_50", "full_resnet", "profile_step", "throughput_vs_seed",
          "resume_default_straight", "resume_default_interrupted", "resume_default_resumed",
          "resume_deterministic_straight", "resume_deterministic_interrupted", "resume_deterministic_resumed",
+         "full_resnet_torchrun",
          "full_resnet_compile_default", "full_resnet_compile_reduce_overhead", "full_resnet_compile_max_autotune"]
 
 
 def parse(argv):
-    """``argv`` parsed by the parser of the script it runs, as that script would."""
-    script, flags = str(argv[0]), [str(a) for a in argv[1:]]
+    """``argv`` parsed by the parser of the script it runs, as that script would (under torchrun:
+    the script after the launcher's flags)."""
+    argv = [str(a) for a in argv]
+    if argv[:2] == ["-m", "torch.distributed.run"]:
+        argv = argv[next(i for i, a in enumerate(argv) if a.endswith(".py")):]
+    script, flags = argv[0], argv[1:]
     if script.startswith("train_"):
         return build_train_parser(RECIPES[script[len("train_"):-3]]).parse_with_given(flags)[0]
     if script == "lr_range_test.py":

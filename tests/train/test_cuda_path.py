@@ -8,10 +8,10 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import synthetic_images, tiny_run
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorDeviceMismatchError, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import synthetic_images, tiny_run
 from core.cli.parsers import parse_run_config
 from core.data.dataset import Split
 from core.data.loader import DeviceLoader, channel_stats

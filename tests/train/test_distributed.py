@@ -5,8 +5,8 @@ import functools
 
 import pytest
 import torch
-
 from conftest import synthetic_images
+
 from core.cli.parsers import parse_run_config
 from core.data.dataset import Split
 from core.data.loader import DeviceLoader, channel_stats
@@ -92,7 +92,10 @@ def test_the_world_comes_from_torchrun_s_environment(monkeypatch):
     assert World.from_env() == World(3, 4, 1) and not World.from_env().is_main
 
 
-def test_the_resume_command_of_a_torchrun_job_relaunches_torchrun():
-    assert resume_command("train_resnet.py", "runs/a/last.pt") == "python train_resnet.py --resume runs/a/last.pt"
-    assert resume_command("train_resnet.py", "runs/a/last.pt", 2) == \
+def test_the_resume_command_of_a_torchrun_job_relaunches_torchrun(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command("train_resnet.py", "runs/a/last.pt", World().launcher()) == \
+        "python train_resnet.py --resume runs/a/last.pt"
+    assert resume_command("train_resnet.py", "runs/a/last.pt", World(1, 2, 1).launcher()) == \
         "torchrun --standalone --nproc-per-node=2 train_resnet.py --resume runs/a/last.pt"
+    assert World(3, 8, 1).launcher() == ["torchrun", "--nnodes=4", "--nproc-per-node=2"]

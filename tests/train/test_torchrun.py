@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import metrics, tiny_run
+from torch import nn
+
 from core.cli.commands import train_main
 from core.models import MODELS
 from core.runs.checkpoint import load_checkpoint
 from core.train import engine
+from core.train.distributed import World, average_buffers
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -239,3 +241,31 @@ def test_ctrl_c_stops_every_process_and_rank_0_alone_prints_the_resume_command(d
     command = f"torchrun --standalone --nproc-per-node=2 train_dilated.py --resume {out / 'last.pt'}"
     assert stderr.count("Interrupted.") == 1 and command in stderr, stderr[-3000:]
     assert load_checkpoint(out / "last.pt", "dilated", purpose="resume")["epoch"] >= 1
+
+
+def test_resumed_in_one_process_a_two_process_run_says_in_one_line_what_changes(data, ddp_runs, tmp_path, capsys):
+    out, _ = ddp_runs("ultimus")
+    assert train_main("ultimus", ["--resume", str(out / "last.pt"), "--out", str(tmp_path / "branch"),
+                                  "--no-progress"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "trained on 2 process(es) and continues on 1" in warnings[0]
+    assert "shares of 50 images instead of 25" in warnings[0]
+
+
+def average_buffers_of_rank(rank, port, results):
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.fill_(rank + 1.0)
+    bn.running_var.fill_(10.0 * (rank + 1))
+    average_buffers([bn], World(rank, 2))
+    results[rank] = (bn.running_mean.tolist(), bn.running_var.tolist(), int(bn.num_batches_tracked))
+    torch.distributed.destroy_process_group()
+
+
+def test_the_batch_norm_statistics_are_averaged_over_the_processes():
+    """Both processes hold the mean of their running statistics afterwards; the step counts,
+    equal in every process, are left alone."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(average_buffers_of_rank, args=(free_port(), results), nprocs=2)
+    assert results[0] == results[1] == ([1.5] * 3, [15.0] * 3, 0)
