@@ -223,24 +223,25 @@ def test_recalibrated_bn_leaves_training_alone_and_eval_only_reproduces_it(data,
 
 
 @pytest.mark.slow
-def test_eval_only_on_a_test_only_folder(dilated_run, tmp_path, capsys):
+def test_eval_only_on_a_test_only_folder(full_run, tmp_path, capsys):
+    """On the ResNet, whose tiny run has learnt enough for shifted views to change its logits."""
     test_only = write_image_folder(tmp_path / "test_only", n_train=0, n_test=100)
-    args = ["--eval-only", "--resume", str(dilated_run / "best.pt"), "--data", str(test_only),
+    args = ["--eval-only", "--resume", str(full_run / "best.pt"), "--data", str(test_only),
             "--out", str(tmp_path / "eval"), "--device", "cpu", "--cache-dir", "none"]
-    assert train_dilated.main(args) == 0
+    assert train_resnet.main(args) == 0
     assert "Test set: Average loss: " in capsys.readouterr().out
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["total"] == 100 and result["test_acc"] == 100 * result["correct"] / 100 and result["test_loss"] > 0
     assert sum(map(sum, result["confusion"])) == 100 and sum(row[i] for i, row in enumerate(result["confusion"])) \
         == result["correct"]
-    assert train_dilated.main([*args, "--tta-shift", "2"]) == 1, "not over the first evaluation"
+    assert train_resnet.main([*args, "--tta-shift", "2"]) == 1, "not over the first evaluation"
     assert "--overwrite" in capsys.readouterr().err
-    assert train_dilated.main([*args, "--tta-shift", "2", "--overwrite"]) == 0
+    assert train_resnet.main([*args, "--tta-shift", "2", "--overwrite"]) == 0
     shifted = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert (shifted["tta"], shifted["tta_shift"], result["tta_shift"]) == (True, 2, 0)
     assert shifted["test_loss"] != result["test_loss"]  # the shifted views took part
     capsys.readouterr()
-    assert train_dilated.main([*args, "--recalibrate-bn", "50", "--overwrite"]) == 1
+    assert train_resnet.main([*args, "--recalibrate-bn", "50", "--overwrite"]) == 1
     assert "--recalibrate-bn needs training images" in one_error_line(capsys)
 
 

@@ -27,7 +27,7 @@ def read(path):
 
 @pytest.mark.slow
 def test_range_test_cli_writes_a_geometric_sweep_and_bounds(data, tmp_path, capsys):
-    args = ["--model", "resnet", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "12",
+    args = ["--model", "dilated", *common(data, tmp_path), "--batch-size", "50", "--num-iter", "12",
             "--start-lr", "1e-5", "--end-lr", "10"]
     assert lr_range_test.main(args) == 0
     record = read(tmp_path / "lr_finder.json")
@@ -40,7 +40,7 @@ def test_range_test_cli_writes_a_geometric_sweep_and_bounds(data, tmp_path, caps
     assert (record["method"], record["lr_min_method"]) == ("min_div_2", "lr_max/1000")  # SGD's default reading
     assert_drawn(tmp_path / "lr_finder.png")
     printed = capsys.readouterr().out
-    assert "python train_resnet.py --lr-max" in printed and "--lr-from" in printed
+    assert "python train_dilated.py --lr-max" in printed and "--lr-from" in printed
 
 
 @pytest.mark.slow

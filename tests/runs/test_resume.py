@@ -69,7 +69,7 @@ def test_a_resume_takes_where_and_how_from_the_command_line_and_the_rest_from_th
 @pytest.mark.slow
 def test_a_run_leaves_its_parsed_flags_alone_and_records_them_as_typed(data, tmp_path):
     recipe = RECIPES["ultimus"]
-    config = parse_run_config(recipe, tiny(data, tmp_path, "--lr-max", "find"))
+    config = parse_run_config(recipe, tiny(data, tmp_path, "--lr-max", "find", "--num-iter", "20"))
     assert loop.run_training(recipe, config, CommandLine("python train_ultimus.py ...")) == 0
     m, ckpt = metrics(tmp_path), load_checkpoint(tmp_path / "last.pt")
     found = json.loads((tmp_path / "lr_finder.json").read_text())
@@ -84,7 +84,7 @@ def test_lr_max_find_trains_exactly_as_its_bounds_given_as_flags(data, tmp_path)
     """The sweep draws batches and augmentations from the loader's generators; they are put back,
     so training after it is the training the found bounds get on their own."""
     found_out, given_out = tmp_path / "found", tmp_path / "given"
-    assert train_ultimus.main(tiny(data, found_out, "--lr-max", "find")) == 0
+    assert train_ultimus.main(tiny(data, found_out, "--lr-max", "find", "--num-iter", "20")) == 0
     m = metrics(found_out)
     assert train_ultimus.main(tiny(data, given_out, "--lr-max", repr(m["lr_max"]), "--lr-min", repr(m["lr_min"]))) == 0
     assert history(found_out) == history(given_out)
@@ -93,8 +93,8 @@ def test_lr_max_find_trains_exactly_as_its_bounds_given_as_flags(data, tmp_path)
 @pytest.mark.slow
 def test_an_interrupted_lr_max_find_run_resumes_without_a_new_sweep(data, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert train_ultimus.main(tiny(data, straight, "--lr-max", "find")) == 0
-    interrupt_after_first_epoch(data, resumed, monkeypatch, "--lr-max", "find")
+    assert train_ultimus.main(tiny(data, straight, "--lr-max", "find", "--num-iter", "20")) == 0
+    interrupt_after_first_epoch(data, resumed, monkeypatch, "--lr-max", "find", "--num-iter", "20")
     monkeypatch.setattr(lr_bounds, "find_bounds", lambda *a, **k: pytest.fail("swept again on resume"))
     assert train_ultimus.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
     assert history(resumed) == history(straight)
