@@ -30,7 +30,7 @@ RESNET_PARAMS = sum(p.numel() for p in MODELS["resnet"]().parameters())
 
 @pytest.fixture(scope="module")
 def data(cifar):
-    return cifar(100, 50)
+    return cifar(100, 20)  # few test images: evaluation, three times a run, costs as much as training
 
 
 tiny = functools.partial(tiny_run, epochs=3, lr=(0.05, 0.005))
@@ -119,7 +119,7 @@ def test_log_has_the_seed_style_lines(data, tmp_path, capsys):
     assert train_dilated.main(tiny(data, tmp_path, "--epochs", "2")) == 0
     out = capsys.readouterr().out
     assert "EPOCH: 1 (LR: 0.005" in out and "EPOCH: 2 (LR: " in out
-    assert out.count("Test set: Average loss: ") == 2 and "Accuracy: " in out and "/50 (" in out
+    assert out.count("Test set: Average loss: ") == 2 and "Accuracy: " in out and "/20 (" in out
     assert f"Total params: {metrics(tmp_path)['params']:,}" in out
 
 
