@@ -66,7 +66,7 @@ def test_every_step_runs_a_command_its_script_accepts(tmp_path, monkeypatch, tin
 
 @pytest.mark.slow
 def test_the_resume_checks_interrupt_a_run_and_find_its_resume_identical_on_the_cpu(tmp_path, monkeypatch):
-    data = write_image_folder(tmp_path / "cifar10", n_train=100, n_test=40)
+    data = write_image_folder(tmp_path / "cifar10", n_train=50, n_test=20)  # one step an epoch
     monkeypatch.setattr(gpu_check, "STEP_GROUPS", (gpu_check.resume_steps,))
     # the deterministic mode alone: on the CPU a resume repeats the run exactly either way
     monkeypatch.setattr(gpu_check, "RESUME_MODES", {"deterministic": ["--deterministic"]})
