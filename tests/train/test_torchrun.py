@@ -182,14 +182,19 @@ def children(pid):
     return found
 
 
+def job_in_its_second_epoch(data, out):
+    """A 2-process job of 50 epochs that has just finished its first, its stderr piped."""
+    job = subprocess.Popen(standalone("train_dilated.py", *run_flags(data, out, epochs=50)), cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_epochs(out, 1, job)
+    return job
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
 def test_one_killed_process_stops_the_job_within_a_minute_and_last_pt_still_loads(data, tmp_path):
     out = tmp_path / "run"
-    job = subprocess.Popen(standalone("train_dilated.py", *run_flags(data, out, epochs=50)),
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    job = job_in_its_second_epoch(data, out)
     try:
-        wait_for_epochs(out, 1, job)
         rank1 = [pid for pid, env in children(job.pid) if env.get("RANK") == "1"]
         assert len(rank1) == 1
         os.kill(rank1[0], signal.SIGKILL)
@@ -230,11 +235,8 @@ def test_two_machines_on_localhost_train_what_one_machine_with_two_processes_tra
 
 def test_ctrl_c_stops_every_process_and_rank_0_alone_prints_the_resume_command(data, tmp_path):
     out = tmp_path / "run"
-    job = subprocess.Popen(standalone("train_dilated.py", *run_flags(data, out, epochs=50)),
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    job = job_in_its_second_epoch(data, out)
     try:
-        wait_for_epochs(out, 1, job)
         os.kill(job.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends torchrun, which passes it on
         _, stderr = job.communicate(timeout=60)
     finally:
