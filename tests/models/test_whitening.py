@@ -9,7 +9,8 @@ from torch import nn
 from core.data.dataset import Split
 from core.data.loader import DeviceLoader
 from core.models import MODELS
-from core.models.whitening import WhitenedConv2d, fit_whitening
+from core.models.fast import FastNet
+from core.models.whitening import PatchWhitening, WhitenedConv2d, fit_whitening
 
 
 def correlated_images(n=40, seed=0):
@@ -104,3 +105,33 @@ def test_fit_whitening_uses_evenly_spaced_images_and_leaves_plain_models_alone()
     before = {k: v.clone() for k, v in plain.state_dict().items()}
     fit_whitening(plain, loader)
     assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
+def test_patch_whitening_filters_are_the_covariance_eigenvectors_over_their_root_and_their_negatives():
+    """As against NumPy above: W^T W = (cov + eps I)^-1 for the first half of the filters, whatever
+    the eigenvectors' signs and order; the second half is the first negated."""
+    eps = 1e-3
+    layer = PatchWhitening(3, kernel_size=2, eps=eps)
+    layer.fit(correlated_images())
+    first, second = layer.weight.detach().double().reshape(24, 12).split(12)
+    cov = np.cov(numpy_patches(correlated_images(), k=2), rowvar=False, bias=True)
+    want = np.linalg.inv(cov + eps * np.eye(12))
+    np.testing.assert_allclose((first.T @ first).numpy(), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    torch.testing.assert_close(second, -first)
+
+
+def test_patch_whitening_trains_its_bias_alone():
+    layer = PatchWhitening()
+    assert not layer.weight.requires_grad and layer.bias.requires_grad
+    assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["bias"]
+
+
+def test_fit_whitening_fits_the_racing_nets_patch_whitening():
+    images = (correlated_images(30).clamp(-3, 3) * 40 + 128).to(torch.uint8)
+    loader = DeviceLoader(Split(images.numpy(), np.repeat(np.arange(3), 10)), torch.device("cpu"), 10,
+                          [0.5] * 3, [0.25] * 3, train=False)
+    model = FastNet()
+    fit_whitening(model, loader, max_images=10)
+    want = PatchWhitening()
+    want.fit(loader.normalize(loader.images[::3]))
+    torch.testing.assert_close(model.whiten.weight, want.weight)
