@@ -106,3 +106,8 @@ def fit_whitening(model, loader, max_images=WHITENING_IMAGES):
         images = loader.normalize(loader.images[::max(1, -(-len(loader.images) // max_images))])
         for layer in layers:
             layer.fit(images)
+
+
+def whitening_biases(model):
+    """The biases of ``model``'s frozen whitening layers (``PatchWhitening``)."""
+    return [m.bias for m in model.modules() if isinstance(m, PatchWhitening)]

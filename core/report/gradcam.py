@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.dilated import DilatedNet
+from ..models.fast import FastNet
 from ..models.resnet import CustomResNet
 from ..models.ultimus import UltimusNet
 
@@ -22,7 +23,8 @@ def default_cam_layer(model):
     * the dilated net: ``blocks``, the last block's output before the GAP (``--c4-size`` pixels
       strided, 32x32 with ``--downsample dilated``);
     * Ultimus: ``conv3``, 48 channels at 26x26 before the GAP (its ReLU is functional, so the
-      map is read before it; the ReLU on the final map keeps only positive evidence anyway).
+      map is read before it; the ReLU on the final map keeps only positive evidence anyway);
+    * the racing net: ``groups``, its last conv group's 256 channels at 3x3 before the max-pool.
     """
     if isinstance(model, CustomResNet):
         return model.layer3
@@ -30,6 +32,8 @@ def default_cam_layer(model):
         return model.blocks
     if isinstance(model, UltimusNet):
         return model.conv3
+    if isinstance(model, FastNet):
+        return model.groups
     raise ValueError(f"no default Grad-CAM layer for {type(model).__name__}: pass one")
 
 

@@ -88,4 +88,6 @@ def restore(ckpt, run, schedule, scaler, path):
         scaler.load_state_dict(ckpt["scaler"])
     if run.ema:
         run.ema.load_state_dict(ckpt["ema"])
+    if run.lookahead:
+        run.lookahead.load_state_dict(ckpt["lookahead"])
     set_rng_state(ckpt["rng"], run.order_gen, run.aug_gen, path)

@@ -31,7 +31,7 @@ from ..flags import (
 )
 from .compiled import COMPILE_MODES
 from .lr_finder import METHODS
-from .optim import DECAY_EXEMPT, OPTIMIZERS
+from .optim import DECAY_EXEMPT, OPTIMIZERS, SGD_MOMENTUM
 
 
 def flag(default=None, help="", *, resumable=False, positional=False, **argparse_kwargs):
@@ -111,6 +111,7 @@ class TrainingConfig:
                                     "suggestion (the sweep trains --num-iter steps at --batch-size, then training "
                                     "starts from the same weights)")
     lr_min: float = flag(None, type=learning_rate, help="one-cycle start and end LR (no annihilation)")
+    lr_end: float | None = flag(None, type=learning_rate, help="end the one-cycle at this LR, not at --lr-min")
     lr_from: str | None = flag(None, metavar="JSON",
                                help="take --lr-max and --lr-min from a saved lr_finder.json that swept this model "
                                     "with this --optimizer (refused beside --lr-max or --lr-min; it replaces a "
@@ -123,16 +124,22 @@ class TrainingConfig:
                           help="; ".join(f"{k}: {v}" for k, v in OPTIMIZERS.items()))
     cycle_momentum: bool = flag(None, action=argparse.BooleanOptionalAction,
                                 help="run the momentum (Adam: beta1) 0.95 -> 0.85 -> 0.95 against the LR; "
-                                     "--no-cycle-momentum keeps it at 0.9")
+                                     "--no-cycle-momentum keeps it at --momentum")
+    momentum: float = flag(SGD_MOMENTUM, type=below_one, help="SGD's Nesterov momentum, when not cycled")
     weight_decay: float | None = flag(None, type=non_negative_float,
                                       help="weight decay (SGD, AdamW) or L2 (Adam); default, by --optimizer: "
                                            "{weight_decays}")
     bias_lr_scale: float = _bias_lr_scale(1.0)
+    whiten_bias_epochs: int = flag(0, type=non_negative_int, metavar="N",
+                                   help="train a frozen whitening layer's bias for N epochs only (0: throughout)")
     decay_exempt: str = _decay_exempt("none")
     label_smoothing: float = flag(None, type=below_one, help="label smoothing of the training loss, in [0, 1)")
     ema_decay: float = flag(0.0, type=non_negative_float, metavar="DECAY",
                             help="evaluate (and checkpoint) an exponential moving average of the weights, updated "
                                  "every step with this decay: 0.99 averages over about 100 steps (default: 0, off)")
+    lookahead: bool = flag(False, action=argparse.BooleanOptionalAction,
+                           help="every 5 steps, move a slow copy of the weights towards the live ones and restart "
+                                "from it, more slowly as the run ends; end on it (airbench's Lookahead)")
     flip: str = flag("random", choices=["random", "alternating"],
                      help="random: each image mirrored with probability 1/2 every epoch; alternating: mirrored "
                           "in every other epoch, starting from a random half (airbench)")
@@ -163,9 +170,9 @@ class EvaluationConfig:
     tta_shift: int = flag(0, type=int, choices=range(9), metavar="PIXELS",
                           help="also average copies of those views shifted PIXELS (0-8) diagonally each way; "
                                "triples the evaluation cost (default: 0, off)")
-    eval_every: int = flag(1, type=positive_int, metavar="N",
+    eval_every: int = flag(1, type=non_negative_int, metavar="N",
                            help="evaluate on the test set after every Nth epoch and after the last; the epochs "
-                                "between have no test figures (default: 1, every epoch)")
+                                "between have no test figures (0: after the last alone)")
     recalibrate_bn: int = flag(0, type=non_negative_int, metavar="IMAGES",
                                help="before each evaluation, re-estimate the BatchNorm statistics over the first "
                                     "IMAGES training images (class-balanced), un-augmented: a forward pass over them "
@@ -285,6 +292,8 @@ class RunConfig:
             raise UserError(f"--max-at-epoch {t.peak_epoch} must lie strictly between 0 and --epochs {t.epochs}")
         if t.lr_max != "find" and t.lr_min >= t.lr_max:
             raise UserError(f"--lr-min {t.lr_min} must be below --lr-max {t.lr_max}")
+        if t.lr_max != "find" and t.lr_end is not None and t.lr_end >= t.lr_max:
+            raise UserError(f"--lr-end {t.lr_end} must be below --lr-max {t.lr_max}")
         if outputs.eval_only and not outputs.resume:
             raise UserError("--eval-only needs --resume PATH to the checkpoint to evaluate")
         for flag_name, given in (("--eval-split val", evaluation.eval_split != "test"),
@@ -306,6 +315,8 @@ def refuse_contradictions(training, given):
         raise UserError(f"--lr-from {training.lr_from} gives --lr-max and --lr-min: drop {typed}, or drop --lr-from")
     if training.lr_max == "find" and "lr_min" in given:
         raise UserError("--lr-max find reads --lr-min off the sweep too: drop --lr-min, or give --lr-max as a number")
+    if "momentum" in given and (training.optimizer != "sgd" or training.cycle_momentum):
+        raise UserError("--momentum is SGD's fixed momentum: drop it, or add --optimizer sgd --no-cycle-momentum")
     if "num_iter" in given and training.lr_max != "find":
         raise UserError("--num-iter sets the length of --lr-max find's sweep: add --lr-max find, or drop --num-iter")
 

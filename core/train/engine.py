@@ -29,8 +29,9 @@ def train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler):
 
 
 def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, scaler,
-                progress=True, log_every=10, desc="train", ema=None, world=World()):
-    """Train for one pass over ``loader``, stepping ``schedule`` (and ``ema``) after every batch.
+                progress=True, log_every=10, desc="train", averages=(), world=World()):
+    """Train for one pass over ``loader``, stepping ``schedule`` and each of ``averages`` (a
+    ``WeightEMA``, a ``Lookahead``) after every batch.
 
     Loss and accuracy accumulate on the device; the host reads them only every ``log_every``
     steps for the bar (and to stop a run whose loss is no longer finite), so the GPU queue
@@ -48,8 +49,8 @@ def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, 
     for i, (x, y) in enumerate(bar if bar is not None else loader):
         loss, logits = train_step(model, optimizer, loss_fn, x, y, device, amp_dtype, scaler)
         schedule.step()
-        if ema is not None:
-            ema.update()
+        for average in averages:
+            average.update()
         loss_sum += loss * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -62,7 +63,7 @@ def train_epoch(model, loader, optimizer, schedule, loss_fn, device, amp_dtype, 
                 raise NonFiniteLoss(f"the training loss became {avg} at step {i + 1} of the epoch")
             if bar is not None:
                 bar.set_postfix_str(f"Loss={avg:.4f} Batch_id={i} Accuracy={100 * correct.item() / seen:.2f} "
-                                    f"LR={optimizer.param_groups[0]['lr']:.5g}", refresh=False)
+                                    f"LR={schedule.current_lr():.5g}", refresh=False)
     loss_sum, correct, seen = world.sum(torch.stack([loss_sum.double(), correct.double(),
                                                      torch.tensor(seen, dtype=torch.float64, device=device)])).tolist()
     synchronize(device)

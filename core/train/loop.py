@@ -114,7 +114,9 @@ def checkpoint_state(recipe, run, config, schedule, scaler, bounds, progress, wo
     states are every process's."""
     return {"model_name": recipe.name, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-            "ema": run.ema.state_dict() if run.ema else None, "rng": rng_state(run.order_gen, run.aug_gen),
+            "ema": run.ema.state_dict() if run.ema else None,
+            "lookahead": run.lookahead.state_dict() if run.lookahead else None,
+            "rng": rng_state(run.order_gen, run.aug_gen),
             "args": config.flags(), "lr_bounds": bounds.as_dict(), "mean": run.mean, "std": run.std,
             "classes": list(run.ds.classes), "world_size": world.size, **dataclasses.asdict(progress)}
 
@@ -159,7 +161,8 @@ def train(recipe, config, command, run, out, ckpt, world):
                                                                                   config.flags(), runtime.progress)
     print(f"LR bounds: lr_max {bounds.lr_max:.4g}, lr_min {bounds.lr_min:.4g} (from {bounds.source})")
     schedule = one_cycle_for_recipe(run.optimizer, bounds.lr_max, bounds.lr_min, training.epochs,
-                                    len(run.train_loader), training.peak_epoch, cycle_momentum=training.cycle_momentum)
+                                    len(run.train_loader), training.peak_epoch, cycle_momentum=training.cycle_momentum,
+                                    lr_end=training.lr_end)
     scaler = make_scaler(run.device, run.amp_dtype)
     if ckpt is None:
         progress = Progress(best_val_acc=0.0 if run.val is not None else None)
@@ -192,15 +195,15 @@ def train(recipe, config, command, run, out, ckpt, world):
     test = val = None
     try:
         for epoch in range(first_epoch, training.epochs + 1):
-            lr = run.optimizer.param_groups[0]["lr"]
+            lr = schedule.current_lr()
             print(f"EPOCH: {epoch} (LR: {lr})")
             epoch_start = time.perf_counter()
             run.train_loader.set_epoch(epoch)
             tr = train_epoch(step_model, run.train_loader, run.optimizer, schedule, run.loss_fn, run.device,
                              run.amp_dtype, scaler, progress=runtime.progress,
-                             desc=f"epoch {epoch}/{training.epochs}", ema=run.ema, world=world)
+                             desc=f"epoch {epoch}/{training.epochs}", averages=run.averages, world=world)
             average_buffers([run.model] + ([run.ema.module] if run.ema else []), world)
-            evaluated = epoch % evaluation.eval_every == 0 or epoch == training.epochs
+            evaluated = epoch == training.epochs or (evaluation.eval_every and epoch % evaluation.eval_every == 0)
             if evaluated:
                 eval_start = time.perf_counter()
                 test, val = evaluate_splits(run, eval_model, bn_loader, evaluation, runtime,
@@ -259,7 +262,8 @@ def train(recipe, config, command, run, out, ckpt, world):
                                 tta=evaluation.tta, tta_shift=evaluation.tta_shift)
     write_metrics(out, facts, progress, report)
     chosen = f" (epoch {progress.best_epoch}, validation {progress.best_val_acc:.2f}%)" if run.val is not None else ""
-    print(f"Best test accuracy {progress.best_test_acc:.2f}%{chosen}, final {progress.history[-1]['test_acc']:.2f}%; "
+    print(f"Best test accuracy {progress.best_test_acc:.2f}%{chosen}, final {progress.history[-1]['test_acc']:.2f}% "
+          f"after {seconds_spent(facts, progress):.1f} s of data loading, training, evaluation and checkpoints; "
           f"outputs in {out}")
     return 0
 
@@ -310,7 +314,7 @@ def write_metrics(out, facts, progress, report=None):
     per_s = progress.train_images / progress.train_seconds if progress.train_seconds > 0 else None
     timing = {"data_load_s": facts["data_load_s"], "warmup_s": progress.warmup_seconds,
               "train_s": progress.train_seconds, "eval_s": progress.eval_seconds,
-              "checkpoint_s": progress.checkpoint_seconds}
+              "checkpoint_s": progress.checkpoint_seconds, "total_s": seconds_spent(facts, progress)}
     write_json(out / "metrics.json", {**facts, "command": progress.commands[0], "resumed_with": progress.commands[1:],
                                       "best_epoch": progress.best_epoch, "best_val_acc": progress.best_val_acc,
                                       "best_test_acc": progress.best_test_acc,
@@ -319,6 +323,13 @@ def write_metrics(out, facts, progress, report=None):
                                       "train_images_per_s": per_s, "timing": timing, **(report or {}),
                                       "history": history})
     write_history_csv(out / "metrics.csv", history)
+
+
+def seconds_spent(facts, progress):
+    """The run's time to its accuracy: this process's data loading, and the training, evaluation
+    and checkpoint writing of every process that trained it (a resumed run's included)."""
+    return (facts["data_load_s"] + progress.warmup_seconds + progress.train_seconds + progress.eval_seconds
+            + progress.checkpoint_seconds)
 
 
 def plot_training(out, progress, schedule, steps_per_epoch):

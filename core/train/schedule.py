@@ -28,9 +28,11 @@ class StepSchedule:
     (LR, and momentum or Adam's beta1 when cycled), step, and save or restore the position."""
 
     def _apply(self):
+        """A group with ``train_steps`` N (``core.train.optim.param_groups``) trains at LR 0 from
+        step N on: frozen, its momentum and weight decay included."""
         lrs, moms = self.values_at(self.last_step)
         for group, lr, mom in zip(self.optimizer.param_groups, lrs, moms):
-            group["lr"] = lr
+            group["lr"] = lr if self.last_step < group.get("train_steps", math.inf) else 0.0
             if self.cycle_momentum:
                 if self.use_beta1:
                     group["betas"] = (mom, *group["betas"][1:])
@@ -44,6 +46,11 @@ class StepSchedule:
 
     def get_last_lr(self):
         return list(self._last_lr)
+
+    def current_lr(self):
+        """The schedule's own LR now: what the logs and plots show, whatever multiple (lr_scale) the
+        first group trains at, and whether or not it is frozen."""
+        return self._last_lr[0] / self.optimizer.param_groups[0].get("lr_scale", 1.0)
 
     def state_dict(self):
         return {"last_step": self.last_step}
@@ -125,16 +132,19 @@ class OneCycle(StepSchedule):
         return lrs, moms
 
 
-def one_cycle_for_recipe(optimizer, lr_max, lr_min, epochs, steps_per_epoch, max_at_epoch, cycle_momentum=True):
+def one_cycle_for_recipe(optimizer, lr_max, lr_min, epochs, steps_per_epoch, max_at_epoch, cycle_momentum=True,
+                         lr_end=None):
     """The assignments' one-cycle: linear up from lr_min to lr_max at ``max_at_epoch``, then
-    linearly back down to lr_min at the end (no annihilation below lr_min). Without
+    linearly back down to lr_min at the end (no annihilation below lr_min), or to ``lr_end``
+    where given: airbench's triangle, which starts at a fifth of its peak and ends at 7%. Without
     ``cycle_momentum`` the optimizer's own momentum (or beta1) is left as it is, as in Page's
     ResNet-9 recipe (fixed Nesterov momentum 0.9). A param group with an ``lr_scale`` (see
     ``core.train.optim.param_groups``) follows the same cycle at that multiple of the LR."""
     total = epochs * steps_per_epoch
     peaks = [lr_max * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     return OneCycle(optimizer, max_lr=peaks, total_steps=total, pct_start=max_at_epoch / epochs,
-                    anneal_strategy="linear", div_factor=lr_max / lr_min, final_div_factor=1.0,
+                    anneal_strategy="linear", div_factor=lr_max / lr_min,
+                    final_div_factor=1.0 if lr_end is None else lr_min / lr_end,
                     cycle_momentum=cycle_momentum)
 
 

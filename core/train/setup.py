@@ -16,11 +16,12 @@ from ..data.subsets import balanced_split, run_images
 from ..device import autotune_convolutions, keep_freed_memory, pick_amp
 from ..errors import UserError
 from ..models import MODELS
-from ..models.whitening import fit_whitening
+from ..models.whitening import fit_whitening, whitening_biases
 from ..report.summary import summary_table
 from ..runs.outputs import check_folder
 from .distributed import World, sync_batch_norm
 from .ema import WeightEMA
+from .lookahead import Lookahead
 from .optim import fused_on, make_optimizer
 
 
@@ -181,6 +182,9 @@ class BuiltRun:
             self.model = self.model.to(memory_format=torch.channels_last)
         # After the layout change, which makes new tensors: the average follows these ones.
         self.ema = WeightEMA(self.model, training.ema_decay) if training.ema_decay else None
+        total_steps = training.epochs * len(self.train_loader)
+        self.lookahead = Lookahead(self.model, total_steps) if training.lookahead else None
+        self.averages = [average for average in (self.lookahead, self.ema) if average is not None]
         eval_batches = functools.partial(plain_batches, device=self.device, mean=self.mean, std=self.std,
                                          batch_size=config.evaluation.eval_batch_size,
                                          channels_last=runtime.channels_last)
@@ -189,5 +193,16 @@ class BuiltRun:
         # The LR here is a placeholder: the schedule (or the range test) sets it every step.
         self.weight_decay = recipe.weight_decay_for(training)
         self.optimizer = make_optimizer(training.optimizer, self.model, 0.0, self.weight_decay,
-                                        training.bias_lr_scale, training.decay_exempt, fused=fused_on(self.device))
+                                        training.bias_lr_scale, training.decay_exempt, fused=fused_on(self.device),
+                                        momentum=training.momentum, train_steps=self.frozen_later(training))
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=training.label_smoothing)
+
+    def frozen_later(self, training):
+        """{parameter: the steps it trains for} for the parameters that stop training early."""
+        if not training.whiten_bias_epochs:
+            return {}
+        biases = whitening_biases(self.model)
+        if not biases:
+            raise UserError("--whiten-bias-epochs freezes a frozen whitening layer's bias, and this model has none: "
+                            "drop it")
+        return dict.fromkeys(biases, training.whiten_bias_epochs * len(self.train_loader))

@@ -72,8 +72,9 @@ def test_a_run_writes_every_output(full_run, capfd):
     assert m["final_test_acc"] == m["history"][-1]["test_acc"]
     assert m["best_test_acc"] == max(h["test_acc"] for h in m["history"])
     assert m["train_images_per_s"] > 0 and m["lr_max"] == 0.05 and m["lr_min"] == 0.005
-    assert set(m["timing"]) == {"data_load_s", "warmup_s", "train_s", "eval_s", "checkpoint_s"}
+    assert set(m["timing"]) == {"data_load_s", "warmup_s", "train_s", "eval_s", "checkpoint_s", "total_s"}
     assert all(v > 0 for v in m["timing"].values())
+    assert m["timing"]["total_s"] == pytest.approx(sum(v for k, v in m["timing"].items() if k != "total_s"))
     assert m["train_images_per_s"] == pytest.approx((3 * 100 - 50) / m["timing"]["train_s"])
     assert set(m["history"][0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
                                     "epoch_time_s"}
@@ -257,8 +258,7 @@ def test_a_loss_that_turns_nan_stops_and_keeps_the_last_good_checkpoint(data, tm
     assert all(math.isfinite(h["train_loss"]) for h in finished)
 
 
-@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--batch-size", "-4"], ["--lr-max", "-0.1"], ["--lr-max", "0"],
-                                   ["--eval-every", "0"]])
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--batch-size", "-4"], ["--lr-max", "-0.1"], ["--lr-max", "0"]])
 def test_non_positive_numbers_are_refused_by_the_parser(data, tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exit_info:
         train_resnet.main(tiny(data, tmp_path / "out", *flags))
@@ -269,7 +269,8 @@ def test_non_positive_numbers_are_refused_by_the_parser(data, tmp_path, capsys, 
 
 @pytest.mark.parametrize("flags", [["--tta-shift", "9"], ["--cutout-size", "33"], ["--cutout-size", "-1"],
                                    ["--ghost-batch", "-1"], ["--ghost-batch", "8.5"],
-                                   ["--celu-alpha", "-0.3"], ["--bias-lr-scale", "0"], ["--logit-scale", "0"]])
+                                   ["--celu-alpha", "-0.3"], ["--bias-lr-scale", "0"], ["--logit-scale", "0"],
+                                   ["--eval-every", "-1"]])
 def test_out_of_range_model_and_evaluation_flags_are_refused(data, tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exit_info:
         train_resnet.main(tiny(data, tmp_path / "out", *flags))

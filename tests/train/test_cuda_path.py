@@ -63,7 +63,7 @@ def host_syncs_of_an_epoch(model, argv, data, steps):
     run.train_loader.set_epoch(1)
     with HostSyncs(run.optimizer) as guard:
         engine.train_epoch(run.model, run.train_loader, run.optimizer, schedule, run.loss_fn, run.device, run.amp_dtype,
-                           make_scaler(run.device, run.amp_dtype), progress=False, ema=run.ema)
+                           make_scaler(run.device, run.amp_dtype), progress=False, averages=run.averages)
     return len(guard.seen)
 
 

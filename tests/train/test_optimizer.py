@@ -6,6 +6,7 @@ from torch import nn
 
 from core.cli.parsers import parse_run_config
 from core.models.dilated import DilatedNet
+from core.models.fast import FastNet
 from core.models.resnet import CustomResNet
 from core.train.optim import make_optimizer, param_groups
 from core.train.recipes import RECIPES
@@ -99,3 +100,23 @@ def test_an_exempt_parameter_is_not_shrunk_by_a_step_that_shrinks_the_others(tmp
     setup.optimizer.step()
     moved = {id(p) for p, old in zip(setup.model.parameters(), before) if not torch.equal(p, old)}
     assert moved == ids(kinds["weight"])
+
+
+def test_the_racing_nets_whitening_bias_trains_at_the_lr_itself_and_can_stop_early():
+    """airbench scales the BatchNorm shifts' LR by 64, not its whitening layer's bias, which
+    stops training after its first epochs (--whiten-bias-epochs)."""
+    model = FastNet()
+    groups = param_groups(model, 1e-3, bias_lr_scale=64.0, train_steps={model.whiten.bias: 144})
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    whiten = by_id[id(model.whiten.bias)]
+    assert (whiten["lr_scale"], whiten["weight_decay"], whiten["train_steps"]) == (1.0, 1e-3, 144)
+    assert whiten["params"] == [model.whiten.bias]
+    shifts = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {by_id[id(p)]["lr_scale"] for p in shifts} == {64.0} and "train_steps" not in by_id[id(shifts[0])]
+    assert id(model.whiten.weight) not in by_id, "the whitening filters stay frozen"
+
+
+def test_momentum_reaches_sgd():
+    assert make_optimizer("sgd", nn.Linear(2, 2), 0.1, 0.0, momentum=0.85).defaults["momentum"] == 0.85
+    config = parse_run_config(RECIPES["fast"], [])
+    assert (config.training.momentum, parse_run_config(RECIPES["resnet"], []).training.momentum) == (0.85, 0.9)

@@ -1,5 +1,6 @@
-"""Our OneCycle against torch's OneCycleLR, step for step."""
+"""Our OneCycle against torch's OneCycleLR, step for step, and the triangle against its formula."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,3 +120,38 @@ def test_a_warm_up_of_one_step_starts_at_the_peak(pct_start, total_steps):
     assert lrs[0] == 0.4 and moms[0] == 0.85
     assert lrs[-1] == pytest.approx(0.04) and moms[-1] == pytest.approx(0.95)
     assert all(a > b for a, b in zip(lrs, lrs[1:])), "then it anneals, step by step"
+
+
+def test_airbench_triangle_follows_its_formula_at_every_step():
+    """--lr-end: linear from lr_min up to lr_max at the peak step, then linear down to lr_end,
+    the knots placed as the assignments' one-cycle places them (the peak at step pct * total - 1)."""
+    opt = optimizer("sgd")
+    epochs, steps_per_epoch, peak_epoch = 8, 48, 8 * 5 / 24
+    sched = one_cycle_for_recipe(opt, lr_max=1.5, lr_min=0.3, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                 max_at_epoch=peak_epoch, cycle_momentum=False, lr_end=0.105)
+    total = epochs * steps_per_epoch
+    knots = [0, peak_epoch / epochs * total - 1, total - 1]
+    expected = np.interp(np.arange(total), knots, [0.3, 1.5, 0.105])
+    lrs, _ = trace(sched, total)
+    np.testing.assert_allclose(lrs, expected, rtol=1e-12)
+
+
+def test_a_group_with_train_steps_trains_at_lr_zero_from_then_on():
+    """The frozen group's weight stops moving at its step N (momentum and decay included) while
+    the other group's goes on."""
+    live, frozen = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([{"params": [live], "lr_scale": 1.0}, {"params": [frozen], "lr_scale": 1.0, "train_steps": 4}],
+                          lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    sched = one_cycle_for_recipe(opt, lr_max=0.4, lr_min=0.04, epochs=2, steps_per_epoch=5, max_at_epoch=1)
+    values = []
+    for step in range(10):
+        assert (opt.param_groups[1]["lr"] == 0.0) == (step >= 4)
+        assert opt.param_groups[0]["lr"] > 0
+        (live.sum() + frozen.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        values.append((live.detach().clone(), frozen.detach().clone()))
+    assert all(torch.equal(values[3][1], f) for _, f in values[4:])
+    assert not torch.equal(values[3][0], values[-1][0])
+    assert not torch.equal(values[2][1], values[3][1])
