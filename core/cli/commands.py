@@ -17,7 +17,6 @@ from ..report.gradcam import default_cam_layer, grad_cam
 from ..runs.folder import check_new_or_empty, check_range_test_folder, claimed_folder, new_folder
 from ..runs.outputs import check_folder, make_folder
 from ..runs.resume import CommandLine
-from ..train.config import PredictConfig, RangeTestConfig
 from ..train.distributed import World
 from ..train.inference import image_files, load_trained, predict, prepare, read_image, top_k
 from ..train.loop import run_training
@@ -27,6 +26,7 @@ from ..train.recipes import RECIPES
 from ..train.schedule import Cyclic, one_cycle_for_recipe, trace
 from ..train.setup import BuiltRun
 from .parsers import build_predict_parser, build_range_test_parser, build_train_parser, run_cli
+from .tool_config import PredictConfig, RangeTestConfig
 
 
 def train_main(recipe_name, argv=None):

@@ -8,17 +8,9 @@ import dataclasses
 import sys
 
 from ..errors import UserError
-from ..train.config import (
-    DataConfig,
-    EvaluationConfig,
-    OutputConfig,
-    PredictConfig,
-    RangeTestOptions,
-    RuntimeConfig,
-    SweepConfig,
-    TrainingConfig,
-)
+from ..train.config import DataConfig, EvaluationConfig, OutputConfig, RuntimeConfig, TrainingConfig
 from ..train.recipes import RECIPES
+from .tool_config import PredictConfig, RangeTestOptions, SweepConfig
 
 # What --help adds to a flag's help that does not explain its default itself; docs/flags.md
 # shows the default in a column of its own instead.

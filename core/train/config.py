@@ -27,10 +27,8 @@ from ..flags import (
     positive_float,
     positive_int,
     seed_value,
-    top_k_count,
 )
 from .compiled import COMPILE_MODES
-from .lr_finder import METHODS
 from .optim import DECAY_EXEMPT, OPTIMIZERS, SGD_MOMENTUM
 
 
@@ -43,39 +41,39 @@ def flag(default=None, help="", *, resumable=False, positional=False, **argparse
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def _bias_lr_scale(default, note=""):
+def bias_lr_scale_flag(default, note=""):
     return flag(default, type=positive_float, metavar="K",
                 help="train biases (BN shifts, the FC bias) at K times the LR with weight decay / K "
                      "(Page's bag of tricks: 64)" + note)
 
 
-def _decay_exempt(default, note=""):
+def decay_exempt_flag(default, note=""):
     return flag(default, choices=DECAY_EXEMPT,
                 help="train these with no weight decay: bias-norm: every bias and normalization weight; "
                      "bias-norm-depthwise: also the depthwise filters (nine weights each)" + note)
 
 
-def _num_iter():
+def num_iter_flag():
     return flag(100, type=at_least_two,
                 help="training steps in the LR range test's sweep, each at --batch-size (fewer if the loss "
                      "diverges first); a train script takes it with --lr-max find")
 
 
-def _cache_dir():
+def cache_dir_flag():
     return flag(None, metavar="DIR", resumable=True,
                 help="where decoded uint8 arrays are cached (default: ~/.cache/cifar-toolkit; 'none' disables)")
 
 
-def _no_progress():
+def no_progress_flag():
     return flag(False, action="store_true", resumable=True, help="plain log lines instead of tqdm bars")
 
 
-def _device(doing, resumable=True):
+def device_flag(doing, resumable=True):
     return flag("auto", choices=["auto", "cuda", "mps", "cpu"], resumable=resumable,
                 help=f"where to {doing}; auto takes CUDA, then MPS, then the CPU")
 
 
-_SCRIPT_DEFAULT = " (default: the train script's)"
+SCRIPT_DEFAULT = " (default: the train script's)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +86,7 @@ class DataConfig:
                             help="CIFAR-10 source: a folder holding cifar-10-batches-py/, an image folder with "
                                  "train/<class>/ and test/<class>/, or a .tar/.tar.gz/.tgz of either "
                                  "(default: ./data, downloading the official dataset there if missing)")
-    cache_dir: str | None = _cache_dir()
+    cache_dir: str | None = cache_dir_flag()
     train_subset: int | None = flag(None, type=positive_int, metavar="N",
                                     help="train on a fixed class-balanced selection of the first N images")
     test_subset: int | None = flag(None, type=positive_int, metavar="N",
@@ -116,7 +114,7 @@ class TrainingConfig:
                                help="take --lr-max and --lr-min from a saved lr_finder.json that swept this model "
                                     "with this --optimizer (refused beside --lr-max or --lr-min; it replaces a "
                                     "preset's bounds)")
-    num_iter: int = _num_iter()
+    num_iter: int = num_iter_flag()
     max_at_epoch: float | None = flag(None, type=positive_float,
                                       help="epoch at which the LR peaks (default: 5, or 5/24 of --epochs when that "
                                            "is fewer)")
@@ -126,13 +124,16 @@ class TrainingConfig:
                                 help="run the momentum (Adam: beta1) 0.95 -> 0.85 -> 0.95 against the LR; "
                                      "--no-cycle-momentum keeps it at --momentum")
     momentum: float = flag(SGD_MOMENTUM, type=below_one, help="SGD's Nesterov momentum, when not cycled")
+    muon_lr_scale: float = flag(0.16, type=positive_float, metavar="K",
+                                help="with --optimizer muon: the conv filters' LR as a multiple of the schedule's "
+                                     "(airbench: 0.24 against its SGD peak of 1.5)")
     weight_decay: float | None = flag(None, type=non_negative_float,
                                       help="weight decay (SGD, AdamW) or L2 (Adam); default, by --optimizer: "
                                            "{weight_decays}")
-    bias_lr_scale: float = _bias_lr_scale(1.0)
+    bias_lr_scale: float = bias_lr_scale_flag(1.0)
     whiten_bias_epochs: int = flag(0, type=non_negative_int, metavar="N",
                                    help="train a frozen whitening layer's bias for N epochs only (0: throughout)")
-    decay_exempt: str = _decay_exempt("none")
+    decay_exempt: str = decay_exempt_flag("none")
     label_smoothing: float = flag(None, type=below_one, help="label smoothing of the training loss, in [0, 1)")
     ema_decay: float = flag(0.0, type=non_negative_float, metavar="DECAY",
                             help="evaluate (and checkpoint) an exponential moving average of the weights, updated "
@@ -191,7 +192,7 @@ class RuntimeConfig:
     except the seed."""
 
     TITLE: ClassVar[str] = "device and speed"
-    device: str = _device("train")
+    device: str = device_flag("train")
     amp: str = flag("auto", choices=["auto", "bf16", "fp16", "off"],
                     help="mixed precision; auto: bf16 on recent GPUs and AMX/AVX512-BF16 CPUs, "
                          "fp16 with loss scaling on older GPUs (T4), else fp32")
@@ -206,7 +207,7 @@ class RuntimeConfig:
                                help="deterministic cuDNN and torch kernels, no cuDNN autotuning: a CUDA run (and its "
                                     "resume) repeats bit for bit, a little slower. CPU runs repeat without it")
     seed: int = flag(0, type=seed_value, help="seed for init, data order and augmentation")
-    no_progress: bool = _no_progress()
+    no_progress: bool = no_progress_flag()
 
     @property
     def progress(self):
@@ -303,6 +304,8 @@ class RunConfig:
         if not 0 <= t.ema_decay < 1:
             raise UserError(f"--ema-decay {t.ema_decay} must lie in [0, 1): 0 turns the average off, 0.99 averages "
                             f"over about 100 steps")
+        if t.optimizer == "muon" and t.cycle_momentum:
+            raise UserError("--optimizer muon keeps its momenta fixed: add --no-cycle-momentum")
         if t.runs > 1 and outputs.resume:
             raise UserError("--runs repeats whole runs; resume each run's last.pt on its own instead")
 
@@ -315,86 +318,9 @@ def refuse_contradictions(training, given):
         raise UserError(f"--lr-from {training.lr_from} gives --lr-max and --lr-min: drop {typed}, or drop --lr-from")
     if training.lr_max == "find" and "lr_min" in given:
         raise UserError("--lr-max find reads --lr-min off the sweep too: drop --lr-min, or give --lr-max as a number")
-    if "momentum" in given and (training.optimizer != "sgd" or training.cycle_momentum):
+    if "momentum" in given and (training.optimizer not in ("sgd", "muon") or training.cycle_momentum):
         raise UserError("--momentum is SGD's fixed momentum: drop it, or add --optimizer sgd --no-cycle-momentum")
+    if "muon_lr_scale" in given and training.optimizer != "muon":
+        raise UserError("--muon-lr-scale sets the LR of --optimizer muon's filters: add --optimizer muon, or drop it")
     if "num_iter" in given and training.lr_max != "find":
         raise UserError("--num-iter sets the length of --lr-max find's sweep: add --lr-max find, or drop --num-iter")
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepConfig:
-    """lr_range_test.py's sweep. The flags it shares with the train scripts default to None,
-    which leaves the train script's value."""
-
-    TITLE: ClassVar[str] = "range test"
-    batch_size: int | None = flag(None, type=positive_int, help="default: the train script's")
-    optimizer: str | None = flag(None, choices=list(OPTIMIZERS), help="default: the train script's")
-    weight_decay: float | None = flag(None, type=non_negative_float, help="default: the train script's")
-    bias_lr_scale: float | None = _bias_lr_scale(None, _SCRIPT_DEFAULT)
-    decay_exempt: str | None = _decay_exempt(None, _SCRIPT_DEFAULT)
-    start_lr: float = flag(1e-5, type=learning_rate, help="the LR of the sweep's first step")
-    end_lr: float = flag(10.0, type=learning_rate, help="the LR of its last step")
-    num_iter: int = _num_iter()
-    mode: str = flag("exp", choices=["exp", "linear"], help="LR spacing")
-    method: str | None = flag(None, choices=METHODS,
-                              help="how lr_max is read off the curve (default: min_div_2 for SGD, conservative for "
-                                   "Adam; see docs/lr_finder.md)")
-    val: bool = flag(False, action="store_true",
-                     help="record the test split's loss after each step instead; with --val-split the held-out "
-                          "split's loss is recorded, --val or not")
-
-
-@dataclasses.dataclass(frozen=True)
-class RangeTestOptions:
-    """lr_range_test.py's own options: which model, where to write, and the schedule drawing."""
-
-    TITLE: ClassVar[str] = "options"
-    model: str = flag("resnet", help="which train script's model")  # choices: the recipes, given by the parser
-    out: str | None = flag(None, metavar="DIR", help="output folder (default: runs/lr-find-<model>-<timestamp>)")
-    overwrite: bool = flag(False, action="store_true",
-                           help="write into an --out that holds a run or another range test, replacing its "
-                                "lr_finder.json and .png (with --plot-schedules: into a folder that is not empty)")
-    plot_schedules: bool = flag(False, action="store_true",
-                                help="only draw the triangular cyclic LR and the ResNet recipe's one-cycle LR and "
-                                     "momentum")
-
-
-@dataclasses.dataclass(frozen=True)
-class RangeTestConfig:
-    """lr_range_test.py's whole configuration, by concern."""
-
-    options: RangeTestOptions
-    data: DataConfig
-    sweep: SweepConfig
-    runtime: RuntimeConfig
-
-    @classmethod
-    def from_flags(cls, values):
-        return cls(**{f.name: f.type(**{d: values[d] for d in dests(f.type)}) for f in dataclasses.fields(cls)})
-
-    def flags(self):
-        """Every flag as {dest: value}, the plain values lr_finder.json records."""
-        return {k: v for f in dataclasses.fields(self) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictConfig:
-    """predict.py's flags."""
-
-    TITLE: ClassVar[str] = "options"
-    images: tuple = flag(None, positional=True, nargs="+", metavar="IMAGE_OR_FOLDER",
-                         help="image files, or folders searched recursively for them; any size and mode: converted "
-                              "to RGB and, unless 32x32, resized to 32x32 with antialiasing (bicubic)")
-    checkpoint: str = flag(None, required=True, metavar="PATH", help="a last.pt or best.pt a training run wrote")
-    topk: int = flag(3, type=top_k_count, metavar="K", help="how many classes to list per image (1-10)")
-    json: bool = flag(False, action="store_true", help="print a JSON list of {{path, topk: [{{class, prob}}]}} instead")
-    tta: bool = flag(False, action="store_true", help="average the logits of each image and its mirror image")
-    gradcam: str | None = flag(None, metavar="DIR",
-                               help="also write each image with the Grad-CAM of its top class to DIR")
-    overwrite: bool = flag(False, action="store_true", help="replace Grad-CAM images already in --gradcam DIR")
-    device: str = _device("run", resumable=False)
-    batch_size: int = flag(256, type=positive_int, help="images per forward pass")
-
-    @classmethod
-    def from_flags(cls, values):
-        return cls(**{**values, "images": tuple(values["images"])})

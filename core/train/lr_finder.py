@@ -37,7 +37,8 @@ from .engine import train_step
 
 METHODS = ("steepest", "valley", "min_div_2", "min_div_10", "conservative")
 # The default (lr_max method, lr_max / lr_min) per optimizer; see the module docstring.
-DEFAULT_READING = {"sgd": ("min_div_2", 1000.0), "adam": ("conservative", 1000.0), "adamw": ("conservative", 1000.0)}
+DEFAULT_READING = {"sgd": ("min_div_2", 1000.0), "muon": ("min_div_2", 1000.0), "adam": ("conservative", 1000.0),
+                   "adamw": ("conservative", 1000.0)}
 STEEPEST_SKIP = 0.1  # the share of the sweep's first points that steepest leaves out
 VALLEY_POSITION = 2 / 3  # how far down the longest descent the valley method reads its LR
 

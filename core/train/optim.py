@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..models.whitening import whitening_biases
+from .muon import AIRBENCH_MOMENTUM, AIRBENCH_STEPS, Muon
 
 # --decay-exempt's choices: which parameters train without weight decay. Biases and norm
 # weights (every 1-D parameter) shift and scale activations rather than match patterns, and
@@ -61,19 +62,41 @@ SGD_NESTEROV = True
 # --optimizer's choices: Adam adds the weight decay to the gradient (L2), AdamW to the step
 # (decoupled, so it does not pass through Adam's per-parameter scaling).
 OPTIMIZERS = {"sgd": f"SGD with {'Nesterov ' if SGD_NESTEROV else ''}momentum (--momentum)",
+              "muon": "Muon (airbench's) for the conv filters, SGD as above for the rest",
               "adam": "Adam (weight decay as L2)",
               "adamw": "AdamW (decoupled weight decay)"}
 
 
 def make_optimizer(name, model, lr, weight_decay, bias_lr_scale=1.0, decay_exempt="none", fused=False,
-                   momentum=SGD_MOMENTUM, train_steps=None):
+                   momentum=SGD_MOMENTUM, train_steps=None, muon_lr_scale=1.0):
     """``fused``: one kernel for the whole update, which also reads fp16's overflow flag on the
-    device, so a GradScaler step needs no host sync (``fused_on``). ``momentum``: SGD's."""
+    device, so a GradScaler step needs no host sync (``fused_on``); not for Muon, which has none.
+    ``momentum``: SGD's. ``muon_lr_scale``: the LR multiple of Muon's filters (``muon_groups``)."""
     groups = param_groups(model, weight_decay, bias_lr_scale, decay_exempt, train_steps)
     extra = {"fused": True} if fused else {}
+    if name == "muon":
+        return Muon(muon_groups(groups, muon_lr_scale), lr=lr, momentum=momentum, orthogonalize=False)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=SGD_NESTEROV, **extra)
     return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(groups, lr=lr, **extra)
+
+
+def muon_groups(groups, lr_scale):
+    """``groups`` (``param_groups``) with their conv filters moved to Muon groups of their own, as
+    airbench trains them: at ``lr_scale`` times the schedule's LR, momentum 0.6, three
+    Newton-Schulz steps, each filter bank kept at a fixed norm and so not decayed. The rest stay
+    with Nesterov SGD."""
+    split = []
+    for group in groups:
+        filters = [p for p in group["params"] if p.ndim == 4]
+        rest = [p for p in group["params"] if p.ndim != 4]
+        if rest:
+            split.append({**group, "params": rest})
+        if filters:
+            split.append({**group, "params": filters, "orthogonalize": True, "lr_scale": group["lr_scale"] * lr_scale,
+                          "momentum": AIRBENCH_MOMENTUM, "steps": AIRBENCH_STEPS, "normalize": True,
+                          "weight_decay": 0.0})
+    return split
 
 
 def fused_on(device):

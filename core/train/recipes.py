@@ -67,6 +67,10 @@ def receptive_field_report(model):
 CROP_PADDING = ("--crop-padding", dict(type=int, choices=range(9), metavar="PIXELS",
                                        help="reflect padding of the random crop (0-8; 0: no crop, flips only)"))
 
+# airbench94's weight decay of 0.0153 per 1,024 images under Nesterov momentum 0.85 shrinks each
+# weight by 0.0153 / (1 + 1 / 0.15) per step at the peak LR, 1.5 here: as a multiple of the LR.
+AIRBENCH_DECAY = 0.0153 / (1 + 1 / 0.15) / 1.5
+
 TRICKS = dict(whiten=True, ghost_batch=32, freeze_bn_scale=True, bias_lr_scale=64.0, celu_alpha=0.3)
 
 
@@ -150,7 +154,7 @@ RECIPES = {
         presets={"tricks": TRICKS,
                  "best": dict(**TRICKS, ema_decay=0.99, flip="alternating", logit_scale=0.0625, tta_shift=2)},
         # Adam, AdamW: the validation search of issue 37 (docs/lab/lr_finder_runs.md)
-        weight_decay={"sgd": 5e-4, "adam": 0.0, "adamw": 0.05},
+        weight_decay={"sgd": 5e-4, "muon": 5e-4, "adam": 0.0, "adamw": 0.05},
     ),
     "dilated": Recipe(
         "dilated", dilated_augment,
@@ -195,7 +199,7 @@ RECIPES = {
                               help="probability of turning an image gray")),
         ),
         model_table=receptive_field_report, model_table_name="receptive_field",
-        weight_decay=dict.fromkeys(("sgd", "adam", "adamw"), 5e-4),  # only SGD's searched
+        weight_decay=dict.fromkeys(("sgd", "muon", "adam", "adamw"), 5e-4),  # only SGD's searched
     ),
     "ultimus": Recipe(
         "ultimus", flip_crop_augment,
@@ -216,16 +220,15 @@ RECIPES = {
         # (docs/lab/results.md#ultimus-with---residual); the exact net's own search chose a peak of
         # 0.01 and collapsed at 0.03, so the defaults stay its recipe
         presets={"residual": dict(residual=True, init="kaiming", lr_max=0.02, lr_min=0.002)},
-        weight_decay=dict.fromkeys(("sgd", "adam", "adamw"), 0.0),  # an underfitting net: none
+        weight_decay=dict.fromkeys(("sgd", "muon", "adam", "adamw"), 0.0),  # an underfitting net: none
     ),
     "fast": Recipe(
         "fast", functools.partial(flip_crop_augment, crop_padding=2),
         "Train the racing net (airbench94's layout: frozen patch whitening, three conv groups) on CIFAR-10 for the "
         "most accuracy per minute.",
         # airbench94's hyper-parameters, for a loss averaged over the batch rather than summed: its
-        # peak LR 11.5 per 1,024 images with Nesterov momentum 0.85 is 1.5, its triangle runs from
-        # 0.2 to 0.07 of that, and its decay of 0.0153 per 1,024 images is 0.0020 of each weight
-        # per step at the peak, 0.00133 times the LR. It evaluates after the last epoch alone.
+        # peak LR of 11.5 per 1,024 images with Nesterov momentum 0.85 is 1.5, and its triangle
+        # runs from 0.2 to 0.07 of that. It evaluates after the last epoch alone.
         dict(epochs=8, batch_size=1024, lr_max=1.5, lr_min=0.3, lr_end=0.105, optimizer="sgd", momentum=0.85,
              cycle_momentum=False, bias_lr_scale=64.0, whiten_bias_epochs=3, label_smoothing=0.2, lookahead=True,
              flip="alternating", tta=True, tta_shift=1, eval_every=0),
@@ -233,6 +236,6 @@ RECIPES = {
             ("--logit-scale", dict(type=positive_float, metavar="S", help="multiply the logits by S")),
         ),
         augment_flags=(CROP_PADDING,),
-        weight_decay={"sgd": 0.0153 * 1024 / (1024 * (1 + 1 / 0.15)) / 1.5, "adam": 0.0, "adamw": 0.05},
+        weight_decay={"sgd": AIRBENCH_DECAY, "muon": AIRBENCH_DECAY, "adam": 0.0, "adamw": 0.05},
     ),
 }

@@ -194,7 +194,8 @@ class BuiltRun:
         self.weight_decay = recipe.weight_decay_for(training)
         self.optimizer = make_optimizer(training.optimizer, self.model, 0.0, self.weight_decay,
                                         training.bias_lr_scale, training.decay_exempt, fused=fused_on(self.device),
-                                        momentum=training.momentum, train_steps=self.frozen_later(training))
+                                        momentum=training.momentum, train_steps=self.frozen_later(training),
+                                        muon_lr_scale=training.muon_lr_scale)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=training.label_smoothing)
 
     def frozen_later(self, training):

@@ -117,6 +117,8 @@ def test_eval_only_and_predict_read_its_checkpoints(data, straight, tmp_path, ca
 @pytest.mark.parametrize("extra, named", [
     (["--optimizer", "adam", "--momentum", "0.9"], "--momentum is SGD's"),
     (["--lr-end", "2"], "--lr-end 2.0 must be below --lr-max"),
+    (["--muon-lr-scale", "0.2"], "add --optimizer muon"),
+    (["--optimizer", "muon", "--cycle-momentum"], "keeps its momenta fixed"),
 ])
 def test_contradictory_schedule_flags_are_refused(data, tmp_path, capsys, extra, named):
     assert train_fast.main(tiny(data, tmp_path / "run", *extra)) == 1
@@ -128,3 +130,16 @@ def test_freezing_a_whitening_bias_the_model_lacks_is_refused(data, tmp_path, ca
     assert train_dilated.main(tiny_run(data, tmp_path / "run", "--whiten-bias-epochs", "1", epochs=1)) == 1
     assert "has none: drop it" in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_muon_run_resumes_exactly(data, tmp_path, monkeypatch):
+    """Muon's filters and SGD's other parameters in one optimizer, both restored by --resume."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_fast.main(tiny(data, straight, "--optimizer", "muon")) == 0
+    with ctrl_c_in_second_epoch(monkeypatch):
+        assert train_fast.main(tiny(data, resumed, "--optimizer", "muon")) == 130
+    assert train_fast.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
+    same_run(resumed, straight)
+    groups = load_checkpoint(straight / "last.pt")["optimizer"]["param_groups"]
+    assert {g["orthogonalize"] for g in groups} == {True, False}

@@ -4,7 +4,9 @@ the optimizer's step against the update written out by hand."""
 import pytest
 import torch
 
+from core.models.fast import FastNet
 from core.train.muon import CUBIC, QUINTIC, Muon, newton_schulz
+from core.train.optim import make_optimizer, muon_groups, param_groups
 
 
 def polar_factor(matrix):
@@ -75,5 +77,46 @@ def test_the_update_s_rms_per_entry_is_one_over_the_square_root_of_the_fan_in_wi
 
 
 def test_muon_refuses_a_vector_parameter():
-    with pytest.raises(ValueError, match="belongs to another optimizer"):
+    with pytest.raises(ValueError, match="belongs to a group with orthogonalize=False"):
         Muon([torch.nn.Parameter(torch.zeros(5))])
+
+
+def test_a_group_that_is_not_orthogonalized_steps_as_torchs_nesterov_sgd():
+    gen = torch.Generator().manual_seed(4)
+    ours, theirs = (torch.nn.Parameter(torch.ones(6)) for _ in range(2))
+    muon = Muon([{"params": [ours], "orthogonalize": False}], lr=0.1, momentum=0.85, weight_decay=0.01)
+    sgd = torch.optim.SGD([theirs], lr=0.1, momentum=0.85, nesterov=True, weight_decay=0.01)
+    for _ in range(4):
+        grad = torch.randn(6, generator=gen)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        muon.step()
+        sgd.step()
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_normalize_rescales_the_filters_to_norm_sqrt_rows_before_each_step():
+    """airbench's Muon: w <- w * sqrt(rows) / |w|, then w <- w - lr * NS(momentum)."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.nn.Parameter(3 * torch.randn(8, 4, 3, 3, generator=gen))
+    optimizer = Muon([weight], lr=0.05, momentum=0.6, steps=3, normalize=True)
+    expected, buffer = weight.detach().clone(), torch.zeros_like(weight)
+    for _ in range(3):
+        weight.grad = torch.randn(weight.shape, generator=gen)
+        buffer = 0.6 * buffer + weight.grad
+        direction = (weight.grad + 0.6 * buffer).reshape(8, 36)
+        expected = expected * (8 ** 0.5 / expected.norm()) - 0.05 * newton_schulz(direction, 3).view(8, 4, 3, 3)
+        optimizer.step()
+        torch.testing.assert_close(weight.detach(), expected)
+
+
+def test_muon_groups_give_the_filters_to_muon_and_leave_the_rest_to_sgd():
+    model = FastNet()
+    groups = muon_groups(param_groups(model, 1e-3, bias_lr_scale=64.0), lr_scale=0.16)
+    filters = [g for g in groups if g.get("orthogonalize")]
+    assert {id(p) for g in filters for p in g["params"]} == {id(p) for p in model.parameters()
+                                                               if p.ndim == 4 and p.requires_grad}
+    assert {(g["lr_scale"], g["momentum"], g["weight_decay"], g["normalize"]) for g in filters} == {(0.16, 0.6, 0.0, True)}
+    rest = [p for g in groups if not g.get("orthogonalize") for p in g["params"]]
+    assert all(p.ndim < 4 for p in rest) and any(p is model.head.weight for p in rest)
+    optimizer = make_optimizer("muon", model, 0.1, 1e-3, 64.0, momentum=0.85, muon_lr_scale=0.16)
+    assert optimizer.defaults["momentum"] == 0.85 and len(optimizer.param_groups) == len(groups)
