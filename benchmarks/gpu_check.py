@@ -187,7 +187,8 @@ def smoke_steps(c, args, size):
                                 ("smoke_resnet_fp16", "train_resnet.py", ["--amp", "fp16"]),
                                 ("smoke_resnet_best", "train_resnet.py", ["--preset", "best"]),
                                 ("smoke_dilated", "train_dilated.py", []),
-                                ("smoke_ultimus", "train_ultimus.py", [])):
+                                ("smoke_ultimus", "train_ultimus.py", []),
+                                ("smoke_fast", "train_fast.py", [])):
         if "fp16" in extra and args.device == "cpu":
             extra = ["--amp", "bf16"]  # fp16 is for GPUs; the CPU rehearses the step with bf16
         step = c.run(name, [script, *common, *size["smoke"], *extra, "--out", out / name, "--overwrite"])
@@ -246,6 +247,20 @@ def torchrun_steps(c, args, size):
     return {name: figures}
 
 
+def race_steps(c, args, size):
+    """train_fast.py's default run timed, and the race against airbench94 on this device (one seed;
+    it stops in one line where airbench is not installed)."""
+    peak = peak_tflops(c.info.get("gpu"), args.peak_tflops)
+    figures = timed_run(c, "full_fast", ["train_fast.py", *c.common, *size["full"]], peak)
+    if not args.tiny:
+        c.run("race_airbench94", ["benchmarks/race_airbench.py", "--data", c.data, "--device", args.device,
+                                  "--seeds", "0", "--out", c.out / "race", "--overwrite"])
+        race = c.out / "race" / "race.json"
+        if race.is_file():
+            figures["race_airbench94"] = json.loads(race.read_text())["mean"]
+    return figures
+
+
 RESUME_MODES = {"default": [], "deterministic": ["--deterministic"]}
 
 
@@ -273,7 +288,7 @@ def compile_steps(c, args, size):
 
 
 # Most important first: a budget that runs out skips the last ones.
-STEP_GROUPS = (smoke_steps, timing_steps, resume_steps, torchrun_steps, compile_steps)
+STEP_GROUPS = (smoke_steps, timing_steps, race_steps, resume_steps, torchrun_steps, compile_steps)
 
 
 def plan(c, args):

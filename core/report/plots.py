@@ -187,3 +187,22 @@ def plot_image_cam(image, cam, title, path):
     overlay.imshow(np.asarray(cam), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+def plot_time_to_accuracy(points, path, title):
+    """Test accuracy against wall time per run, one marker per recipe: ``points`` are dicts with
+    label, minutes, acc and (optional) std, the spread over seeds drawn as an error bar. Time on
+    a log axis: the recipes span minutes to hours."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, point in enumerate(points):
+        colour = plt.cm.tab10(i % 10)
+        ax.errorbar(point["minutes"], point["acc"], yerr=point.get("std") or None, fmt="o", color=colour,
+                    capsize=3, label=point["label"])
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time per run (minutes, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7.5, loc="lower right")
+    _save(fig, path)

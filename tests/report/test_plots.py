@@ -17,3 +17,17 @@ def test_range_test_frame_holds_the_raw_dip_but_not_the_diverging_tail(tmp_path,
     plots._pyplot().close(figures[0])
     assert low < raw.min() < smoothed.min()
     assert high < 10, "the diverging tail would squash the curve"
+
+
+def test_the_time_to_accuracy_figure_draws_each_recipe_at_its_time_and_accuracy(tmp_path, monkeypatch):
+    drawn = []
+    real = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.append(fig), real(fig, path)))
+    points = [{"label": "slow", "minutes": 55.0, "acc": 91.9, "std": 0.1}, {"label": "fast", "minutes": 6.5, "acc": 90.7}]
+    plots.plot_time_to_accuracy(points, tmp_path / "t.png", "title")
+    (ax,) = drawn[0].axes
+    assert ax.get_xscale() == "log"
+    markers = [bar.lines[0].get_xydata().tolist() for bar in ax.containers]
+    assert markers == [[[55.0, 91.9]], [[6.5, 90.7]]]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["slow", "fast"]
+    assert (tmp_path / "t.png").stat().st_size > 0
