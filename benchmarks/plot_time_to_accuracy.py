@@ -19,7 +19,7 @@ def main(source=ROOT / "docs" / "lab" / "time_to_accuracy.json", out=ROOT / "doc
     figures = json.loads(Path(source).read_text())
     points = [{"label": f"{p['label']} (n = {p['n']})", "minutes": p["minutes"], "acc": p["acc"],
                "std": p.get("std")} for p in figures["points"]]
-    plot_time_to_accuracy(points, out, figures["title"])
+    plot_time_to_accuracy(points, out, figures["title"], zoom_above=figures.get("zoom_above"))
     print(f"{len(points)} recipes drawn to {out}")
     return 0
 

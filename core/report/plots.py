@@ -189,20 +189,24 @@ def plot_image_cam(image, cam, title, path):
     _save(fig, path)
 
 
-def plot_time_to_accuracy(points, path, title):
+def plot_time_to_accuracy(points, path, title, zoom_above=None):
     """Test accuracy against wall time per run, one marker per recipe: ``points`` are dicts with
     label, minutes, acc and (optional) std, the spread over seeds drawn as an error bar. Time on
-    a log axis: the recipes span minutes to hours."""
+    a log axis: the recipes span minutes to hours. ``zoom_above``: a second panel with only the
+    recipes above that accuracy, where the close ones would overlap at the full range."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for i, point in enumerate(points):
-        colour = plt.cm.tab10(i % 10)
-        ax.errorbar(point["minutes"], point["acc"], yerr=point.get("std") or None, fmt="o", color=colour,
-                    capsize=3, label=point["label"])
-    ax.set_xscale("log")
-    ax.set_xlabel("wall time per run (minutes, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7.5, loc="lower right")
+    panels = 2 if zoom_above is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        for i, point in enumerate(points):
+            if k == 1 and point["acc"] < zoom_above:
+                continue
+            ax.errorbar(point["minutes"], point["acc"], yerr=point.get("std") or None, fmt="o",
+                        color=plt.cm.tab10(i % 10), capsize=3, label=point["label"])
+        ax.set_xscale("log")
+        ax.set_xlabel("wall time per run (minutes, log scale)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(title if k == 0 else f"above {zoom_above:g}%")
+    axes[0][0].legend(fontsize=7.5, loc="lower right")
     _save(fig, path)

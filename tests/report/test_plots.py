@@ -23,11 +23,12 @@ def test_the_time_to_accuracy_figure_draws_each_recipe_at_its_time_and_accuracy(
     drawn = []
     real = plots._save
     monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.append(fig), real(fig, path)))
-    points = [{"label": "slow", "minutes": 55.0, "acc": 91.9, "std": 0.1}, {"label": "fast", "minutes": 6.5, "acc": 90.7}]
-    plots.plot_time_to_accuracy(points, tmp_path / "t.png", "title")
-    (ax,) = drawn[0].axes
-    assert ax.get_xscale() == "log"
-    markers = [bar.lines[0].get_xydata().tolist() for bar in ax.containers]
-    assert markers == [[[55.0, 91.9]], [[6.5, 90.7]]]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["slow", "fast"]
+    points = [{"label": "slow", "minutes": 55.0, "acc": 91.9, "std": 0.1}, {"label": "fast", "minutes": 6.5, "acc": 90.7},
+              {"label": "small", "minutes": 7.0, "acc": 56.4, "std": 1.2}]
+    plots.plot_time_to_accuracy(points, tmp_path / "t.png", "title", zoom_above=88)
+    full, zoom = drawn[0].axes
+    assert full.get_xscale() == zoom.get_xscale() == "log"
+    markers = [[bar.lines[0].get_xydata().tolist() for bar in ax.containers] for ax in (full, zoom)]
+    assert markers == [[[[55.0, 91.9]], [[6.5, 90.7]], [[7.0, 56.4]]], [[[55.0, 91.9]], [[6.5, 90.7]]]]
+    assert [t.get_text() for t in full.get_legend().get_texts()] == ["slow", "fast", "small"]
     assert (tmp_path / "t.png").stat().st_size > 0
