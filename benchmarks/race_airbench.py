@@ -155,8 +155,8 @@ def race(args, fast_args):
         write_airbench_data(ds, folder)  # before the clocks start: both read decoded arrays
         for seed in args.seeds:
             result = out / f"airbench94-seed{seed}.json"
-            code, wall = timed([sys.executable, __file__, "--airbench-run", "--airbench-data", folder, "--data", args.data,
-                                "--device", args.device, "--seed", str(seed), "--out", str(result)])
+            code, wall = timed([sys.executable, __file__, "--airbench-run", "--airbench-data", folder,
+                                "--data", args.data, "--device", args.device, "--seed", str(seed), "--out", str(result)])
             if code:
                 raise UserError(f"the airbench94 run with seed {seed} failed (exit {code})")
             rows.append({"contender": "airbench94", "seed": seed, "wall_s": wall, **json.loads(result.read_text())})

@@ -10,12 +10,14 @@ At the last step the live weights take the slow ones, so the run ends on them.
 
 import torch
 
+LOOKAHEAD_EVERY = 5  # airbench's interval, in steps
+
 
 class Lookahead:
     """Lookahead over every floating-point tensor of ``model``'s state (weights and BatchNorm
     statistics alike), for a run of ``total_steps`` steps; call ``update()`` after each."""
 
-    def __init__(self, model, total_steps, every=5, base_decay=0.95 ** 5, power=3):
+    def __init__(self, model, total_steps, every=LOOKAHEAD_EVERY, base_decay=0.95 ** 5, power=3):
         self.total_steps, self.every, self.base_decay, self.power = total_steps, every, base_decay, power
         self.live = [t for t in model.state_dict().values() if t.is_floating_point()]
         self.slow = [t.detach().clone() for t in self.live]

@@ -21,7 +21,7 @@ from ..report.summary import summary_table
 from ..runs.outputs import check_folder
 from .distributed import World, sync_batch_norm
 from .ema import WeightEMA
-from .lookahead import Lookahead
+from .lookahead import LOOKAHEAD_EVERY, Lookahead
 from .optim import fused_on, make_optimizer
 
 
@@ -183,7 +183,10 @@ class BuiltRun:
         # After the layout change, which makes new tensors: the average follows these ones.
         self.ema = WeightEMA(self.model, training.ema_decay) if training.ema_decay else None
         total_steps = training.epochs * len(self.train_loader)
-        self.lookahead = Lookahead(self.model, total_steps) if training.lookahead else None
+        if training.lookahead and total_steps < LOOKAHEAD_EVERY:
+            raise UserError(f"--lookahead ends the run on weights it pulls every {LOOKAHEAD_EVERY} steps, and this run "
+                            f"has {total_steps}: it would end untrained. Add --no-lookahead, or train longer")
+        self.lookahead = Lookahead(self.model, total_steps, LOOKAHEAD_EVERY) if training.lookahead else None
         self.averages = [average for average in (self.lookahead, self.ema) if average is not None]
         eval_batches = functools.partial(plain_batches, device=self.device, mean=self.mean, std=self.std,
                                          batch_size=config.evaluation.eval_batch_size,

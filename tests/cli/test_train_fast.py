@@ -144,3 +144,10 @@ def test_an_sgd_run_resumes_exactly(data, tmp_path, monkeypatch):
     assert train_fast.main(["--resume", str(resumed / "last.pt"), "--no-progress"]) == 0
     same_run(resumed, straight)
     assert "orthogonalize" not in load_checkpoint(straight / "last.pt")["optimizer"]["param_groups"][0]
+
+
+def test_lookahead_on_a_run_shorter_than_its_interval_is_refused(data, tmp_path, capsys):
+    """Its run ends on the slow weights, pulled every 5 steps: with fewer steps, the initial ones."""
+    assert train_fast.main(tiny_run(data, tmp_path / "run", epochs=2)) == 1
+    assert "Add --no-lookahead" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()

@@ -23,7 +23,8 @@ def test_the_time_to_accuracy_figure_draws_each_recipe_at_its_time_and_accuracy(
     drawn = []
     real = plots._save
     monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.append(fig), real(fig, path)))
-    points = [{"label": "slow", "minutes": 55.0, "acc": 91.9, "std": 0.1}, {"label": "fast", "minutes": 6.5, "acc": 90.7},
+    points = [{"label": "slow", "minutes": 55.0, "acc": 91.9, "std": 0.1},
+              {"label": "fast", "minutes": 6.5, "acc": 90.7},
               {"label": "small", "minutes": 7.0, "acc": 56.4, "std": 1.2}]
     plots.plot_time_to_accuracy(points, tmp_path / "t.png", "title", zoom_above=88)
     full, zoom = drawn[0].axes

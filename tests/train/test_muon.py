@@ -115,7 +115,8 @@ def test_muon_groups_give_the_filters_to_muon_and_leave_the_rest_to_sgd():
     filters = [g for g in groups if g.get("orthogonalize")]
     assert {id(p) for g in filters for p in g["params"]} == {id(p) for p in model.parameters()
                                                                if p.ndim == 4 and p.requires_grad}
-    assert {(g["lr_scale"], g["momentum"], g["weight_decay"], g["normalize"]) for g in filters} == {(0.16, 0.6, 0.0, True)}
+    settings = {(g["lr_scale"], g["momentum"], g["weight_decay"], g["normalize"]) for g in filters}
+    assert settings == {(0.16, 0.6, 0.0, True)}
     rest = [p for g in groups if not g.get("orthogonalize") for p in g["params"]]
     assert all(p.ndim < 4 for p in rest) and any(p is model.head.weight for p in rest)
     optimizer = make_optimizer("muon", model, 0.1, 1e-3, 64.0, momentum=0.85, muon_lr_scale=0.16)

@@ -140,8 +140,8 @@ def test_a_group_with_train_steps_trains_at_lr_zero_from_then_on():
     """The frozen group's weight stops moving at its step N (momentum and decay included) while
     the other group's goes on."""
     live, frozen = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.SGD([{"params": [live], "lr_scale": 1.0}, {"params": [frozen], "lr_scale": 1.0, "train_steps": 4}],
-                          lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    groups = [{"params": [live], "lr_scale": 1.0}, {"params": [frozen], "lr_scale": 1.0, "train_steps": 4}]
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
     sched = one_cycle_for_recipe(opt, lr_max=0.4, lr_min=0.04, epochs=2, steps_per_epoch=5, max_at_epoch=1)
     values = []
     for step in range(10):
