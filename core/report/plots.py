@@ -204,6 +204,10 @@ def plot_time_to_accuracy(points, path, title, zoom_above=None):
             ax.errorbar(point["minutes"], point["acc"], yerr=point.get("std") or None, fmt="o",
                         color=plt.cm.tab10(i % 10), capsize=3, label=point["label"])
         ax.set_xscale("log")
+        lo, hi = min(p["minutes"] for p in points), max(p["minutes"] for p in points)
+        ax.set_xticks([t for t in (1, 2, 5, 10, 20, 30, 60, 120, 240) if lo / 1.5 <= t <= hi * 1.5])
+        ax.xaxis.set_major_formatter("{x:g}")
+        ax.xaxis.set_minor_formatter("")
         ax.set_xlabel("wall time per run (minutes, log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
